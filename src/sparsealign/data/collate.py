@@ -1,0 +1,98 @@
+"""Padding token-exact sequences into model batches, and the response-aligned index that the log-prob path uses.
+
+Every per-token tensor that leaves the model is *response-aligned*: ``[N, T]`` where column ``t`` is the
+``t``-th response token of the row and ``T`` is the longest response in the batch. The collator records,
+for each response token, the input position whose logits predict it (``response_index``), so the model
+path can gather exactly those positions and never touches prompt or padding logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from sparsealign.data.examples import TokenizedPair
+
+
+@dataclass
+class Batch:
+    """Model inputs plus the response-aligned index.
+
+    ``input_ids``, ``attention_mask``, ``position_ids``: ``[N, L]``.
+    ``response_index[n, t]``: the position in ``L`` whose logits predict response token ``t`` of row ``n``.
+    ``response_ids``, ``response_mask``: ``[N, T]``, the target tokens and which of them are real.
+    For preference pairs, rows ``[0, B)`` are the chosen responses and rows ``[B, 2B)`` the rejected ones
+    (one concatenated forward), with ``num_pairs = B``; for unpaired data ``num_pairs = 0``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_index: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    num_pairs: int = 0
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return Batch(**moved)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch, prompt included."""
+        return int(self.attention_mask.sum())
+
+
+def collate_sequences(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    padding_side: str = "right",
+    num_pairs: int = 0,
+) -> Batch:
+    """Pad ``prompt + response`` rows to one length and build the response-aligned index.
+
+    Position ids count real tokens only (``0, 1, 2, ...`` from each row's first real token), so left and
+    right padding give the same positions; this matters for absolute-position models such as GPT-2.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError("prompts and responses must have the same length")
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every row needs at least one prompt token (the first token is never predicted)")
+    length = max(len(row) for row in rows)
+    width = max(1, max(len(r) for r in responses))
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    response_index = torch.zeros((n, width), dtype=torch.long)
+    response_ids = torch.zeros((n, width), dtype=torch.long)
+    response_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, (prompt, response, row) in enumerate(zip(prompts, responses, rows, strict=True)):
+        offset = length - len(row) if padding_side == "left" else 0
+        input_ids[i, offset : offset + len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, offset : offset + len(row)] = 1
+        r = len(response)
+        if r:
+            start = offset + len(prompt) - 1  # logits at position p-1 predict token p
+            response_index[i, :r] = torch.arange(start, start + r)
+            response_ids[i, :r] = torch.tensor(list(response), dtype=torch.long)
+            response_mask[i, :r] = True
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    return Batch(
+        input_ids, attention_mask, position_ids, response_index, response_ids, response_mask, num_pairs
+    )
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
+    """Concatenate chosen rows then rejected rows into one batch (one forward for both)."""
+    prompts = [p.prompt_ids for p in pairs] * 2
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    return collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))

@@ -1,0 +1,42 @@
+"""The two record types that flow through the data pipeline: text examples and token-exact pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Message = dict[str, str]
+"""A chat message: ``{"role": "user" | "assistant" | "system", "content": str}``."""
+
+
+@dataclass
+class PreferenceExample:
+    """One preference pair in text form.
+
+    ``prompt`` is a string (standard format) or a list of messages (conversational format); ``chosen`` and
+    ``rejected`` are strings or lists of (assistant) messages that continue the prompt. ``origin`` says where
+    the row came from (``"train.jsonl:17"``) so that later errors can point at it.
+    """
+
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+    origin: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class TokenizedPair:
+    """A preference pair as token ids, with the prompt shared by both responses.
+
+    ``prompt_ids + chosen_ids`` is exactly the tokenisation of the full chosen sequence (token-exact
+    boundary); the prompt holds the single BOS where the model uses one; each response ends with EOS
+    unless it was truncated by ``max_length``.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))

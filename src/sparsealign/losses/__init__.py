@@ -1,0 +1,23 @@
+"""Pure loss functions on per-token log-probs (``[B, T]`` tensors plus masks); no model inside.
+
+Each returns a :class:`LossOutput` with ``loss`` (scalar), ``per_example`` (``[B]``) and ``metrics``.
+"""
+
+from __future__ import annotations
+
+from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, masked_sum, paired_metrics
+from sparsealign.losses.dpo import dpo_loss, ipo_loss
+from sparsealign.losses.sft import sft_loss
+from sparsealign.losses.simpo import simpo_loss
+
+__all__ = [
+    "LossOutput",
+    "check_shapes",
+    "dpo_loss",
+    "ipo_loss",
+    "masked_mean",
+    "masked_sum",
+    "paired_metrics",
+    "sft_loss",
+    "simpo_loss",
+]

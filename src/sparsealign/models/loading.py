@@ -1,0 +1,395 @@
+"""Loading policy, reference and tokenizer from a built-in name, a local folder or a hub id; saving the result.
+
+``model.name`` is resolved in this order:
+
+1. a built-in (:data:`sparsealign.models.builtins.BUILTIN_MODELS`): ``tiny-random-llama``,
+   ``tiny-random-gpt2`` (random, from the seed) or ``smollm2-135m-instruct`` (obtained once, cached);
+2. an existing local path, or anything that looks like one (starts with ``/``, ``.`` or ``~``): a folder
+   written by ``save_pretrained`` (``config.json`` + weights + tokenizer files);
+3. otherwise a Hugging Face hub id (``owner/name``), at ``model.revision``. When the hub is unreachable
+   (``HF_HUB_OFFLINE=1`` or no network) only the local Hugging Face cache is used.
+
+Every failure is a :class:`ModelError` whose message says what to download and where to put it.
+
+With ``model.lora`` set the policy is a PEFT model and the reference is the same network with the adapter
+switched off (:meth:`ModelBundle.reference_model`); otherwise the reference is a frozen copy of the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from sparsealign.models.builtins import BUILTIN_MODELS, hub_offline_flag, hub_reachable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from sparsealign.config import LoraConfig, ModelConfig
+
+__all__ = [
+    "ModelBundle",
+    "ModelError",
+    "apply_lora",
+    "disable_dropout",
+    "load_bundle",
+    "load_model",
+    "load_tokenizer",
+    "resolve_dtype",
+    "save_final",
+]
+
+
+class ModelError(RuntimeError):
+    """A model or tokenizer that cannot be loaded or saved; the message says how to fix it."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str | torch.device | None) -> torch.dtype:
+    """``'auto'`` is bfloat16 on CUDA and float32 elsewhere (bf16 is ~8x slower on CPUs without bf16 units)."""
+    if name == "auto":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_cuda else torch.float32
+    if name not in _DTYPES:
+        raise ModelError(f"Unknown model.dtype '{name}'; use one of auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving a name.
+
+Kind = Literal["builtin", "local", "hub"]
+
+
+def _kind(name: str) -> Kind:
+    if name in BUILTIN_MODELS:
+        return "builtin"
+    if Path(name).expanduser().exists():
+        return "local"
+    looks_like_path = name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+    return "local" if looks_like_path else "hub"
+
+
+def _check_local_folder(name: str) -> str:
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"Model folder '{path}' does not exist. Give model.name as a folder written by save_pretrained, "
+            f"a hub id, or a built-in ({', '.join(BUILTIN_MODELS)})."
+        )
+    if not path.is_dir():
+        raise ModelError(
+            f"Model path '{path}' is a file; model.name must be a folder written by save_pretrained."
+        )
+    if not (path / "config.json").is_file():
+        hint = ""
+        if (path / "adapter_config.json").is_file():
+            hint = (
+                " It holds a PEFT adapter: pass its merged/ subfolder (written with model.merge_final=true), "
+                "or the base model with the adapter loaded through peft.PeftModel.from_pretrained."
+            )
+        raise ModelError(
+            f"Model folder '{path}' has no config.json, so it is not a model saved with save_pretrained "
+            f"(config.json + *.safetensors + tokenizer files).{hint}"
+        )
+    return str(path)
+
+
+def _hub_unreachable(name: str) -> ModelError:
+    why = "HF_HUB_OFFLINE is set" if hub_offline_flag() else "no network connection to it"
+    close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1, cutoff=0.6)
+    suggestion = f" Did you mean the built-in '{close[0]}'?" if close else ""
+    builtins = "" if "/" in name else f" (built-in models: {', '.join(BUILTIN_MODELS)})"
+    return ModelError(
+        f"Cannot load '{name}'{builtins}: it is not a built-in or a local folder, the Hugging Face hub is "
+        f"unreachable ({why}), and it is not in the local Hugging Face cache.{suggestion} Download the model "
+        f"with `huggingface-cli download {name} --local-dir DIR` (or `hf download {name} --local-dir DIR`) on "
+        f"a machine with network, copy DIR here and pass model.name=DIR."
+    )
+
+
+def _from_pretrained(loader: Any, source: str, kind: Kind, cfg: ModelConfig, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with the hub switched to cache-only when unreachable; errors as ModelError."""
+    if kind == "hub":
+        offline = not hub_reachable()
+        kwargs.update(revision=cfg.revision, local_files_only=offline)
+    else:
+        offline = False
+    try:
+        return loader.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except Exception as error:
+        if offline:
+            raise _hub_unreachable(source) from None
+        where = f"hub repository '{source}'" if kind == "hub" else f"folder '{source}'"
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"Could not load the {what} from {where}: {detail}") from error
+
+
+def _source(cfg: ModelConfig) -> tuple[str, Kind]:
+    """A folder or hub id to call from_pretrained on (pretrained built-ins are resolved to a folder)."""
+    kind = _kind(cfg.name)
+    if kind == "builtin":
+        entry = BUILTIN_MODELS[cfg.name]
+        assert entry.resolve is not None, f"built-in {cfg.name} is built, not loaded"
+        return _check_local_folder(entry.resolve()), "local"
+    if kind == "local":
+        return _check_local_folder(cfg.name), "local"
+    return cfg.name, "hub"
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
+    """Pad with EOS when the tokenizer has no pad token; mirror the pad id into the model's configs."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                "The tokenizer has neither a pad nor an EOS token; add one (tokenizer.add_special_tokens) "
+                "and save it with the model."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is None:
+        return
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Public loaders.
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer for ``cfg.name``, with a pad token (EOS when it had none)."""
+    from transformers import AutoTokenizer
+
+    entry = BUILTIN_MODELS.get(cfg.name)
+    if entry is not None and entry.tokenizer is not None:
+        tokenizer = entry.tokenizer()
+    else:
+        source, kind = _source(cfg)
+        tokenizer = _from_pretrained(AutoTokenizer, source, kind, cfg, "tokenizer")
+    _ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: ``nn.Dropout`` modules, float ``*dropout*``/``*pdrop*`` attributes
+    that modules copied from the config at construction (e.g. Llama's ``attention_dropout``), and the same
+    fields of the config (and sub-configs), so that a copy built from the config has none either."""
+    from transformers import PretrainedConfig
+
+    def dropoutish(key: str, value: Any) -> bool:
+        is_number = isinstance(value, float | int) and not isinstance(value, bool)
+        return is_number and ("dropout" in key or key.endswith("pdrop"))
+
+    configs: list[PretrainedConfig] = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if dropoutish(key, value):
+                setattr(module, key, 0.0)
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig) and all(config is not c for c in configs):
+            configs.append(config)
+    while configs:
+        config = configs.pop()
+        for key, value in list(vars(config).items()):
+            if dropoutish(key, value):
+                setattr(config, key, 0.0)
+            elif isinstance(value, PretrainedConfig):
+                configs.append(value)
+
+
+def load_model(
+    cfg: ModelConfig, seed: int = 0, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` for ``cfg``: on ``device`` (CPU when None), in eval mode, dtype resolved.
+
+    Random built-ins draw their weights from ``seed`` without changing the global RNG state. The tokenizer
+    gets a pad token (EOS) when it has none. With ``cfg.disable_dropout`` all dropout is switched off.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    entry = BUILTIN_MODELS.get(cfg.name)
+    if entry is not None and entry.build is not None:
+        model, tokenizer = entry.build(seed)
+        model = model.to(dtype)
+    else:
+        source, kind = _source(cfg)
+        tokenizer = _from_pretrained(AutoTokenizer, source, kind, cfg, "tokenizer")
+        model = _from_pretrained(AutoModelForCausalLM, source, kind, cfg, "model", dtype=dtype)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"The tokenizer of '{cfg.name}' has {len(tokenizer)} tokens but the model's embedding only {rows} "
+            f"rows; the folder mixes a tokenizer and a model that do not belong together."
+        )
+    _ensure_pad_token(tokenizer, model)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Hide a deprecation warning that PEFT 0.21 triggers inside transformers 5 (not actionable here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, seed: int = 0) -> nn.Module:
+    """Wrap ``model`` with a PEFT LoRA adapter (base weights frozen; adapter init drawn from ``seed``).
+
+    ``target_modules='all-linear'`` adapts every linear (and GPT-2 ``Conv1D``) layer except the output head.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
+    )
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_peft():
+            torch.manual_seed(seed)
+            return get_peft_model(model, peft_config)
+    except ValueError as error:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+        )
+        raise ModelError(
+            f"Cannot apply LoRA with target_modules={targets!r}: {error}. Linear layers in this model: "
+            f"{', '.join(linear)} (or use 'all-linear')."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy + reference.
+
+
+@dataclass
+class ModelBundle:
+    """The policy being trained, its tokenizer, and how to run the reference model.
+
+    ``reference`` is a frozen eval-mode copy for full fine-tuning, or None with LoRA (the reference is then
+    the policy with its adapter disabled) or when no reference was asked for.
+    """
+
+    policy: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    reference: nn.Module | None = None
+    is_lora: bool = False
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """Yield the module to run as the reference (in eval mode; wrap calls in ``torch.no_grad()``).
+
+        With LoRA this is the policy itself inside ``disable_adapter()``, switched to eval mode for the
+        duration; the train/eval mode of every submodule is restored on exit.
+        """
+        if self.reference is not None:
+            yield self.reference
+            return
+        if not self.is_lora:
+            raise ModelError(
+                "This bundle has no reference model; load it with load_bundle(..., need_reference=True)."
+            )
+        modes = [(module, module.training) for module in self.policy.modules()]
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                yield self.policy
+        finally:
+            for module, training in modes:
+                module.training = training
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An independent copy with identical weights, in eval mode, with ``requires_grad=False`` everywhere."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def load_bundle(
+    cfg: ModelConfig, seed: int = 0, device: str | torch.device | None = None, need_reference: bool = True
+) -> ModelBundle:
+    """Policy (+ LoRA adapter when ``cfg.lora`` is set), tokenizer and reference for a training run.
+
+    Full fine-tuning with ``need_reference`` gets a frozen copy of the freshly loaded policy (same weights,
+    not re-drawn). With LoRA the reference is never a second copy: see :meth:`ModelBundle.reference_model`.
+    Dropout is disabled (``cfg.disable_dropout``) on the base model before the adapter is added, so
+    ``lora.dropout`` keeps its configured value.
+    """
+    model, tokenizer = load_model(cfg, seed, device)
+    if cfg.lora is not None:
+        return ModelBundle(apply_lora(model, cfg.lora, seed), tokenizer, reference=None, is_lora=True)
+    reference = frozen_copy(model) if need_reference else None
+    return ModelBundle(model, tokenizer, reference=reference, is_lora=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving.
+
+
+def save_final(bundle: ModelBundle, folder: str | os.PathLike[str], merge: bool = False) -> Path:
+    """Write the trained policy and tokenizer to ``folder`` (atomically: a temporary sibling, then rename).
+
+    Full model: safetensors + config + tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
+    LoRA: the adapter (``PeftModel.save_pretrained``) + tokenizer; with ``merge`` also ``folder/merged/``, a
+    full model with the adapter merged in, made from a copy so the live policy is untouched. An existing
+    ``folder`` is replaced. Call it from the main process only.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        bundle.policy.save_pretrained(work)
+        bundle.tokenizer.save_pretrained(work)
+        if bundle.is_lora and merge:
+            with _quiet_peft():
+                merged = copy.deepcopy(bundle.policy).merge_and_unload()
+            merged.save_pretrained(work / "merged")
+            bundle.tokenizer.save_pretrained(work / "merged")
+            del merged
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.rename(folder, old)
+            os.rename(work, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(work, folder)
+    except Exception as error:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(error, ModelError):
+            raise
+        raise ModelError(f"Could not save the final model to '{folder}': {error}") from error
+    return folder

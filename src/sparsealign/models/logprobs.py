@@ -1,0 +1,201 @@
+"""The one per-token log-prob path, shared by every method and by evaluation.
+
+``TokenModel`` wraps a causal LM. Its forward runs the decoder once over a concatenated batch (chosen and
+rejected rows together), gathers the final hidden state at the positions that predict response tokens,
+and sends only those rows through the output head, in chunks. Each chunk is checkpointed, so the backward
+pass keeps the ``[M, d]`` hidden rows and recomputes the ``[chunk, V]`` logits instead of holding a
+``[N, L, V]`` log-softmax: peak head memory is one chunk of logits, whatever the sequence length.
+
+On request the same pass returns the per-token KL(reference || policy) over the vocabulary (from the
+reference's gathered hidden states and head, also chunked) and the hidden states of chosen layers at the
+response positions. When not requested they are not computed.
+
+All outputs are response-aligned ``[N, T]`` (``[N, T, d]`` for hidden states), zero where
+``batch.response_mask`` is False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sparsealign.data.collate import Batch
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TokenOutputs:
+    """Response-aligned outputs of one forward.
+
+    ``logps[n, t]``: log-prob of response token ``t``; ``head_inputs``: the ``[M, d]`` final hidden rows of
+    the ``M`` real response tokens (in ``response_mask`` order), which a later KL computation needs;
+    ``kl[n, t]``: KL(reference || policy) at that token, when asked; ``layers[i]``: ``[N, T, d]`` hidden
+    states of decoder layer ``i`` (0 = embeddings) at the predicting positions, when asked.
+    """
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    head_inputs: torch.Tensor
+    kl: torch.Tensor | None = None
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def chosen(self, num_pairs: int) -> TokenOutputs:
+        return self._rows(slice(0, num_pairs))
+
+    def rejected(self, num_pairs: int) -> TokenOutputs:
+        return self._rows(slice(num_pairs, 2 * num_pairs))
+
+    def _rows(self, rows: slice) -> TokenOutputs:
+        start = int(self.mask[: rows.start].sum())
+        stop = int(self.mask[: rows.stop].sum())
+        return TokenOutputs(
+            logps=self.logps[rows],
+            mask=self.mask[rows],
+            head_inputs=self.head_inputs[start:stop],
+            kl=None if self.kl is None else self.kl[rows],
+            layers={i: h[rows] for i, h in self.layers.items()},
+        )
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT (and/or accelerate) wrapper."""
+    model = getattr(model, "module", model)
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def output_head(model: nn.Module) -> Head:
+    """The function from final hidden states to logits, including model-specific logit transforms.
+
+    Gemma-2/3 soft-cap their logits (``cap * tanh(logits / cap)``), Cohere multiplies by ``logit_scale`` and
+    Granite divides by ``logits_scaling``; all happen in the LM class's forward after the head, so they are
+    repeated here.
+    """
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings()
+    config = lm.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return apply
+
+
+def _selected_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _logps_and_kl(
+    head: Head, hidden: torch.Tensor, targets: torch.Tensor, ref_head: Head, ref_hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logp_all = torch.log_softmax(head(hidden).float(), dim=-1)
+    with torch.no_grad():
+        ref_all = torch.log_softmax(ref_head(ref_hidden).float(), dim=-1)
+    kl = (ref_all.exp() * (ref_all - logp_all)).sum(-1)
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), kl
+
+
+def chunked_head(
+    head: Head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    reference: tuple[Head, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of ``targets`` (and KL(ref || policy) when ``reference`` is given) for ``[M, d]`` rows.
+
+    With gradients enabled each chunk is checkpointed: only ``hidden`` is saved and the chunk's logits are
+    recomputed in the backward pass.
+    """
+    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+    logps, kls = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        part = slice(start, start + chunk)
+        if reference is None:
+            args: tuple = (head, hidden[part], targets[part])
+            fn: Callable = _selected_logps
+        else:
+            args = (head, hidden[part], targets[part], reference[0], reference[1][part])
+            fn = _logps_and_kl
+        out = checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args)
+        if reference is None:
+            logps.append(out)
+        else:
+            logps.append(out[0])
+            kls.append(out[1])
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logp = torch.cat(logps) if logps else empty
+    kl = (torch.cat(kls) if kls else empty) if reference is not None else None
+    return logp, kl
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place ``[M]`` values of the real response tokens into a zero ``[N, T]`` tensor."""
+    out = values.new_zeros(mask.shape)
+    return out.masked_scatter(mask, values)
+
+
+class TokenModel(nn.Module):
+    """A causal LM whose forward returns response-aligned per-token outputs.
+
+    It is an ``nn.Module`` so that accelerate (DDP, FSDP, DeepSpeed) can wrap it: the decoder and the head
+    run inside its ``forward``, which is what distributed wrappers hook.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 512) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(
+        self,
+        batch: Batch,
+        layers: Sequence[int] = (),
+        reference: TokenOutputs | None = None,
+        reference_head: Head | None = None,
+    ) -> TokenOutputs:
+        """Run one forward. ``reference`` (outputs of the reference on the same batch) and its head turn on
+        the token KL; ``layers`` selects hidden states to return (0 = embeddings, ``i`` = after block ``i``)."""
+        lm = unwrap_causal_lm(self.model)
+        decoder = lm.get_decoder()
+        out = decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            output_hidden_states=bool(layers),
+            use_cache=False,
+        )
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device).unsqueeze(1)
+        mask = batch.response_mask
+        hidden = out.last_hidden_state[rows, batch.response_index][mask]  # [M, d]
+        targets = batch.response_ids[mask]
+        ref = None
+        if reference is not None:
+            if reference_head is None:
+                raise ValueError("the token KL needs the reference's output head")
+            ref = (reference_head, reference.head_inputs)
+        logp, kl = chunked_head(output_head(self.model), hidden, targets, self.chunk, ref)
+        selected = {i: out.hidden_states[i][rows, batch.response_index] * mask.unsqueeze(-1) for i in layers}
+        return TokenOutputs(
+            logps=_scatter(logp, mask),
+            mask=mask,
+            head_inputs=hidden,
+            kl=None if kl is None else _scatter(kl, mask),
+            layers=selected,
+        )

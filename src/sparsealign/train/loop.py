@@ -1,0 +1,326 @@
+"""The training loop: one readable step, written against accelerate.
+
+``accelerate launch`` runs the same code with DDP, FSDP or DeepSpeed; a plain ``python``/``sparsealign``
+call runs one process (CPU by default). Each optimizer step:
+
+1. take this process's ``grad_accum`` micro-batches from the deterministic :class:`BatchPlan`;
+2. for each, run the reference (only if the method needs it) and the policy through the one per-token
+   log-prob path, feed the method's loss and backpropagate; accelerate's ``accumulate`` divides by
+   ``grad_accum``, synchronises gradients across processes and steps the optimizer on the last
+   micro-batch only (so DeepSpeed and FSDP see the same calls);
+3. clip, step the schedule, log, evaluate and checkpoint on their schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from sparsealign.config import Config, dump_config, to_dict
+from sparsealign.data.collate import Batch, collate_pairs
+from sparsealign.data.examples import TokenizedPair
+from sparsealign.data.prepare import PreparedData, prepare_data
+from sparsealign.errors import UserError
+from sparsealign.losses import LossOutput
+from sparsealign.methods import Method, StepOutputs, get_method
+from sparsealign.models.loading import ModelBundle, load_bundle, save_final
+from sparsealign.models.logprobs import TokenModel, output_head
+from sparsealign.train.batches import BatchPlan, shard
+from sparsealign.train.checkpoint import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    truncate_metrics,
+)
+from sparsealign.train.schedule import build_scheduler
+
+logger = logging.getLogger("sparsealign.train")
+
+
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot start or continue, with the reason."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    interrupted: bool
+    final_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    report: dict[str, Any] | None = None
+
+
+def step_outputs(policy: torch.nn.Module, bundle: ModelBundle, method: Method, batch: Batch) -> StepOutputs:
+    """Run the reference (if needed) and the policy on one concatenated batch."""
+    reference = None
+    reference_head = None
+    if method.needs_reference:
+        with torch.no_grad(), bundle.reference_model() as ref_model:
+            reference = TokenModel(ref_model, policy_chunk(policy))(batch)
+            if method.needs_token_kl:
+                reference_head = output_head(ref_model)
+    kl_inputs = {"reference": reference, "reference_head": reference_head} if method.needs_token_kl else {}
+    return StepOutputs(policy(batch, **kl_inputs), reference, batch.num_pairs)
+
+
+def policy_chunk(policy: torch.nn.Module) -> int:
+    return getattr(policy, "module", policy).chunk
+
+
+def compute_loss(
+    policy: torch.nn.Module, bundle: ModelBundle, method: Method, cfg: Config, batch: Batch
+) -> LossOutput:
+    return method.compute(step_outputs(policy, bundle, method, batch), cfg.method)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per logged step) plus accelerate trackers."""
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path = path
+        self.accelerator = accelerator
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: round(v, 8) if isinstance(v, float) else v for k, v in metrics.items()}}
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self.accelerator.log(metrics, step=step)
+
+
+def _mean_metrics(
+    records: list[tuple[int, dict[str, torch.Tensor]]], accelerator: Accelerator, device
+) -> dict[str, float]:
+    """Example-weighted means over micro-batches and processes."""
+    if not records:
+        return {}
+    names = sorted(records[0][1])
+    totals = torch.zeros(len(names) + 1, device=device, dtype=torch.float64)
+    for weight, metrics in records:
+        totals[:-1] += torch.stack([metrics[n].double() * weight for n in names]).to(device)
+        totals[-1] += weight
+    totals = accelerator.reduce(totals, reduction="sum")
+    return {name: float(totals[i] / totals[-1]) for i, name in enumerate(names)}
+
+
+def evaluate_loss(
+    policy: torch.nn.Module,
+    bundle: ModelBundle,
+    method: Method,
+    cfg: Config,
+    pairs: list[TokenizedPair],
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """Held-out loss and metrics (``eval/loss``, ``eval/rewards/accuracies``, ...)."""
+    if not pairs:
+        return {}
+    pad = bundle.tokenizer.pad_token_id
+    batches = shard(pairs, cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes)
+    if cfg.eval.max_batches is not None:
+        batches = batches[: cfg.eval.max_batches]
+    records = []
+    policy.eval()
+    with torch.no_grad():
+        for items, counted in batches:
+            batch = collate_pairs(items, pad, cfg.data.padding_side).to(accelerator.device)
+            out = compute_loss(policy, bundle, method, cfg, batch)
+            records.append((len(items) if counted else 0, {"loss": out.loss, **out.metrics}))
+    return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
+
+
+def _total_steps(cfg: Config, plan: BatchPlan) -> int:
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("The model has no trainable parameters.")
+    t = cfg.train
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: Config) -> RunResult:
+    """Train ``cfg.model`` with ``cfg.method`` on ``cfg.data``; write the run folder; return a summary."""
+    output_dir = Path(cfg.output_dir)
+    tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum, log_with=tracker, project_dir=str(output_dir)
+    )
+    set_seed(cfg.train.seed)
+    method = get_method(cfg.method.name)
+    config_tree = to_dict(cfg)
+
+    resume_from = resolve_resume(output_dir, cfg.train.resume)
+    if (
+        resume_from is None
+        and cfg.train.resume is None
+        and list_checkpoints(output_dir)
+        and accelerator.is_main_process
+    ):
+        logger.warning(
+            "%s already holds checkpoints; starting afresh (train.resume=auto would continue).", output_dir
+        )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, output_dir / "config.yaml")
+
+    bundle = load_bundle(cfg.model, cfg.train.seed, accelerator.device, need_reference=method.needs_reference)
+    with accelerator.main_process_first():
+        data: PreparedData = prepare_data(cfg, bundle, accelerator.is_main_process)
+    plan = BatchPlan(
+        len(data.train), cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes, cfg.train.seed
+    )
+    if plan.steps_per_epoch == 0:
+        raise TrainingError(
+            f"Only {len(data.train)} training pairs, but one optimizer step needs {plan.global_batch} "
+            f"(train.batch_size x train.grad_accum x processes). Lower train.batch_size or add data."
+        )
+    total = _total_steps(cfg, plan)
+
+    policy = TokenModel(bundle.policy, cfg.train.logprob_chunk)
+    optimizer = _build_optimizer(policy, cfg)
+    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total, cfg.train.schedule)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    unwrapped = accelerator.unwrap_model(policy)
+
+    state = TrainState()
+    metrics_path = output_dir / "metrics.jsonl"
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, unwrapped, optimizer, scheduler, config_tree, accelerator.process_index
+        )
+        if accelerator.is_main_process:
+            truncate_metrics(metrics_path, state.step)
+            logger.info("resumed from %s at step %d", resume_from, state.step)
+    elif accelerator.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+    if tracker:
+        accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config_tree.items()})
+    log = MetricsLog(metrics_path, accelerator)
+
+    def checkpoint() -> None:
+        rngs = gather_object([rng_state()])
+        if accelerator.is_main_process:
+            epoch, index = plan.position(state.step)
+            state.epoch, state.batch_in_epoch = epoch, index
+            save_checkpoint(
+                output_dir / "checkpoints" / f"step-{state.step}",
+                unwrapped,
+                optimizer,
+                scheduler,
+                state,
+                config_tree,
+                rngs,
+            )
+            prune_checkpoints(output_dir, cfg.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    pad = bundle.tokenizer.pad_token_id
+    bar = _progress(total, state.step, cfg.train.progress and accelerator.is_main_process)
+    last_saved = state.step if resume_from is not None else -1
+    interrupted = False
+    final_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        while state.step < total:
+            policy.train()
+            records = []
+            micro = plan.micro_batches(state.step, accelerator.process_index)
+            for indices in micro:
+                batch = collate_pairs([data.train[j] for j in indices], pad, cfg.data.padding_side).to(
+                    accelerator.device
+                )
+                with accelerator.accumulate(policy):  # syncs gradients and steps only on the last micro-batch
+                    out = compute_loss(policy, bundle, method, cfg, batch)
+                    accelerator.backward(out.loss)  # divides by grad_accum
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+                        lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                records.append((len(indices), {"loss": out.loss.detach(), **out.metrics}))
+                window_tokens += batch.num_tokens
+            scheduler.step()
+            state.step += 1
+
+            if state.step % cfg.train.log_every == 0 or state.step == total:
+                metrics = _mean_metrics(records, accelerator, accelerator.device)
+                tokens = accelerator.reduce(
+                    torch.tensor(float(window_tokens), device=accelerator.device), reduction="sum"
+                )
+                elapsed = time.perf_counter() - window_start
+                metrics.update(
+                    lr=lr, grad_norm=float(grad_norm), tokens_per_s=float(tokens) / max(elapsed, 1e-9)
+                )
+                metrics["epoch"] = state.step / plan.steps_per_epoch
+                log.write(state.step, metrics)
+                final_metrics = metrics
+                window_tokens, window_start = 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total:
+                eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator)
+                if eval_metrics:
+                    log.write(state.step, eval_metrics)
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+                checkpoint()
+                last_saved = state.step
+    except KeyboardInterrupt:
+        interrupted = True
+        if bar is not None:
+            bar.close()
+        if state.step > 0 and state.step != last_saved:
+            checkpoint()
+        logger.warning(
+            "interrupted at step %d; checkpoint saved; continue with train.resume=auto", state.step
+        )
+        return RunResult(output_dir, state.step, True, final_metrics, eval_metrics)
+    if bar is not None:
+        bar.close()
+
+    if state.step != last_saved:
+        checkpoint()
+    eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator)
+    if eval_metrics:
+        log.write(state.step, eval_metrics)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(bundle, output_dir / "final", merge=cfg.model.merge_final)
+    report = None
+    if cfg.eval.generate and data.eval_prompts and accelerator.is_main_process:
+        from sparsealign.eval.report import evaluate_generations
+
+        report = evaluate_generations(
+            bundle, data.reward(), data.eval_prompts, cfg.eval, cfg.train.seed, output_dir
+        )
+    accelerator.end_training()
+    return RunResult(output_dir, state.step, interrupted, final_metrics, eval_metrics, report)

@@ -1,0 +1,92 @@
+"""Recipes, dotted overrides, type checking and suggestions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparsealign.config import Config, ConfigError, LoraConfig, describe, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_and_overrides():
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["method.beta=0.2", "train.max_steps=50", "train.lr=5e-4"])
+    assert cfg.method.beta == 0.2 and cfg.train.max_steps == 50 and cfg.train.lr == 5e-4
+    assert cfg.model.name == "tiny-random-llama"
+    assert isinstance(cfg, Config)
+
+
+def test_int_widens_to_float_and_yaml_lists():
+    cfg = load_config(None, ["method.beta=1", "model.lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.method.beta == 1.0 and isinstance(cfg.method.beta, float)
+    assert cfg.model.lora == LoraConfig(target_modules=["q_proj", "v_proj"])
+
+
+def test_nested_section_can_be_disabled():
+    cfg = load_config(ROOT / "configs/imdb/dpo.yaml", ["model.lora=null"])
+    assert cfg.model.lora is None
+
+
+def test_method_shorthand():
+    assert load_config(None, ["method=simpo"]).method.name == "simpo"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_step=5", "Unknown config key 'train.max_step'. Did you mean 'max_steps'?"),
+        ("trian.max_steps=5", "Unknown config key 'trian'. Did you mean 'train'?"),
+        ("train.max_steps=five", "'train.max_steps': expected int, got 'five'"),
+        ("method.name=dop", "'method.name': 'dop' is not one of"),
+        ("train.batch_size=0", "must be at least 1"),
+        ("nonsense", "must look like key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"train": {"learning_rate": 1e-3}}))
+    with pytest.raises(ConfigError, match="Unknown config key 'train.learning_rate'"):
+        load_config(recipe)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_config(None, ["method.name=cdpo"])
+    assert load_config(None, ["method.name=cdpo", "method.label_smoothing=0.1"]).method.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="only one of"):
+        load_config(None, ["data.path=a.jsonl", "data.source=imdb"])
+
+
+def test_required_keys_exist():
+    keys = {row[0] for row in describe()}
+    required = {
+        "output_dir",
+        "model.name",
+        "data.path",
+        "method.name",
+        "method.beta",
+        "train.max_steps",
+        "train.save_every",
+        "train.log_every",
+        "train.resume",
+        "train.seed",
+    }
+    assert required <= keys
+    assert all(row[2] for row in describe()), "every key has a help string"
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted((ROOT / "configs").rglob("*.yaml"))
+    recipes = [r for r in recipes if "accelerate" not in r.parts]
+    assert recipes
+    for recipe in recipes:
+        load_config(recipe)
