@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,22 +27,24 @@ class PreparedData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
     eval_prompts: list[str] = field(default_factory=list)
-    reward: Callable[[], Any] = lambda: None
+    reward: Any = None
 
 
 class LazyReward:
-    """Loads the reward model on first use, so runs that never score text never build it."""
+    """The configured reward model, built on first use, so runs that never score text never build it."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self._model = None
+        self._model: Any = None
 
-    def __call__(self) -> Any:
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "config":
+            raise AttributeError(name)
         if self._model is None:
             from sparsealign.rewards import load_reward
 
             self._model = load_reward(self.config)
-        return self._model
+        return getattr(self._model, name)
 
 
 def _pretokenized(examples: list[PreferenceExample], max_length: int) -> tuple[list[TokenizedPair], Counter]:

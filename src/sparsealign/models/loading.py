@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from sparsealign.errors import UserError
 from sparsealign.models.builtins import BUILTIN_MODELS, hub_offline_flag, hub_reachable
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model or tokenizer that cannot be loaded or saved; the message says how to fix it."""
 
 

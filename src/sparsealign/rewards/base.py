@@ -14,12 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
+from sparsealign.errors import UserError
 from sparsealign.models.builtins import cache_root  # ``$SPARSEALIGN_CACHE`` or ``~/.cache/sparsealign``
 
 __all__ = ["RewardError", "RewardModel", "atomic_write", "cache_root", "reward_fingerprint"]
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward model that cannot be loaded or used (missing files, no network, bad label index)."""
 
 

@@ -320,7 +320,7 @@ def train(cfg: Config) -> RunResult:
         from sparsealign.eval.report import evaluate_generations
 
         report = evaluate_generations(
-            bundle, data.reward(), data.eval_prompts, cfg.eval, cfg.train.seed, output_dir
+            bundle, data.reward, data.eval_prompts, cfg.eval, cfg.train.seed, output_dir
         )
     accelerator.end_training()
     return RunResult(output_dir, state.step, interrupted, final_metrics, eval_metrics, report)
