@@ -3,7 +3,7 @@
 Both steps see the same model, the same batch of preference pairs and the same optimizer. Time: the two
 are run alternately in one process and the ratio of medians is printed (timing noise between identical
 runs on this CPU is 20-40 %, so only same-process ratios mean anything). Memory: each step runs in a fresh
-subprocess and the growth of peak RSS over the model-loaded baseline is reported.
+subprocess and the growth of peak RSS (``VmHWM``, reset after loading) over the loaded baseline is reported.
 
     python benchmarks/train_step.py --model tiny-random-llama
     python benchmarks/train_step.py --model smollm2-135m-instruct --pairs 8 --length 128 --repeats 5
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from sparsealign.models.logprobs import TokenModel
 from sparsealign.train.loop import compute_loss
 
 
-def plain_dpo_step(policy, reference, optimizer, batch: Batch, beta: float = 0.1) -> float:
+def plain_dpo_step(policy, reference_model, optimizer, batch: Batch, beta: float = 0.1) -> float:
     """The ~30-line loop users write: full logits, full log_softmax, gather, sum, sigmoid loss."""
     labels = batch.input_ids[:, 1:]
     label_mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -45,7 +44,7 @@ def plain_dpo_step(policy, reference, optimizer, batch: Batch, beta: float = 0.1
         logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         return (logps * label_mask).sum(-1)
 
-    with torch.no_grad():
+    with torch.no_grad(), reference_model() as reference:  # frozen copy, or the base with LoRA disabled
         ref = sequence_logps(reference)
     pol = sequence_logps(policy)
     b = batch.num_pairs
@@ -55,7 +54,7 @@ def plain_dpo_step(policy, reference, optimizer, batch: Batch, beta: float = 0.1
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return loss.item()
 
 
 def make_batch(tokenizer, pairs: int, length: int, seed: int = 0) -> Batch:
@@ -82,11 +81,22 @@ def library_step(cfg, bundle, policy, optimizer, batch) -> float:
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(out.loss)
+    return out.loss.item()
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in MB."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_mb("VmRSS")
 
 
 def run_one(args, impl: str) -> dict:
@@ -95,19 +105,14 @@ def run_one(args, impl: str) -> dict:
     batch = make_batch(bundle.tokenizer, args.pairs, args.length)
     policy = TokenModel(bundle.policy, cfg.train.logprob_chunk)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
-    baseline = peak_rss_mb()
+    baseline = reset_peak_rss()
     for _ in range(2):
         if impl == "library":
             library_step(cfg, bundle, policy, optimizer, batch)
         else:
-            with bundle.reference_model() as ref:
-                plain_dpo_step(bundle.policy, ref, optimizer, batch)
-    return {
-        "impl": impl,
-        "baseline_mb": baseline,
-        "peak_mb": peak_rss_mb(),
-        "growth_mb": peak_rss_mb() - baseline,
-    }
+            plain_dpo_step(bundle.policy, bundle.reference_model, optimizer, batch)
+    peak = _status_mb("VmHWM")
+    return {"impl": impl, "baseline_mb": baseline, "peak_mb": peak, "growth_mb": peak - baseline}
 
 
 def timing(args) -> dict:
@@ -118,8 +123,7 @@ def timing(args) -> dict:
     times: dict[str, list[float]] = {"library": [], "plain": []}
 
     def plain() -> float:
-        with bundle.reference_model() as ref:
-            return plain_dpo_step(bundle.policy, ref, optimizer, batch)
+        return plain_dpo_step(bundle.policy, bundle.reference_model, optimizer, batch)
 
     steps = {"library": lambda: library_step(cfg, bundle, policy, optimizer, batch), "plain": plain}
     for name in steps:  # warm-up

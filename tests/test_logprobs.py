@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsealign.data.collate import collate_pairs, collate_sequences
+from sparsealign.models import logprobs
 from sparsealign.models.logprobs import TokenModel, output_head
 from tiny_models import random_pairs, tiny_gpt2, tiny_llama
 
@@ -18,8 +19,11 @@ def naive_logps(model, prompt, response):
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("chunk", [3, 1000])
-def test_values_and_gradients_match_naive(build, chunk):
+@pytest.mark.parametrize(("chunk", "checkpointed"), [(3, True), (1000, True), (1000, False)])
+def test_values_and_gradients_match_naive(build, chunk, checkpointed, monkeypatch):
+    """Chunked (and checkpointed) head == one full log_softmax + gather, in values and gradients."""
+    if checkpointed:
+        monkeypatch.setattr(logprobs, "CHECKPOINT_MIN_BYTES", 0)
     model = build()
     pairs = random_pairs(4)
     batch = collate_pairs(pairs, pad_id=2)

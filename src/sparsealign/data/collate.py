@@ -85,14 +85,21 @@ def collate_sequences(
             response_index[i, :r] = torch.arange(start, start + r)
             response_ids[i, :r] = torch.tensor(list(response), dtype=torch.long)
             response_mask[i, :r] = True
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0) * attention_mask  # padding at 0
     return Batch(
         input_ids, attention_mask, position_ids, response_index, response_ids, response_mask, num_pairs
     )
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
-    """Concatenate chosen rows then rejected rows into one batch (one forward for both)."""
-    prompts = [p.prompt_ids for p in pairs] * 2
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+def collate_pairs(
+    pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right", chosen_only: bool = False
+) -> Batch:
+    """Concatenate chosen rows then rejected rows into one batch (one forward for both).
+
+    ``chosen_only`` keeps the chosen rows alone, for methods that train on them only (SFT).
+    """
+    prompts = [p.prompt_ids for p in pairs]
+    responses = [p.chosen_ids for p in pairs]
+    if not chosen_only:
+        prompts, responses = prompts * 2, responses + [p.rejected_ids for p in pairs]
     return collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))

@@ -90,14 +90,14 @@ def prepare_data(config: Any, bundle: Any, is_main_process: bool = True) -> Prep
         }
         source = load_source(config, context)
         train_examples, eval_examples, eval_prompts = source.train, source.eval, source.eval_prompts
+        if d.max_examples is not None:
+            train_examples = train_examples[: d.max_examples]
     elif d.path is not None or d.dataset is not None:
-        train_examples, eval_examples, _ = load_examples(d)
+        train_examples, eval_examples, _ = load_examples(d)  # applies data.max_examples
     else:
         raise DataError(
             "No data configured: set data.path (a local file), data.dataset or data.source (e.g. imdb)."
         )
-    if d.max_examples is not None:
-        train_examples = train_examples[: d.max_examples]
     train = to_pairs(train_examples, bundle.tokenizer, d, "train")
     evaluation = to_pairs(eval_examples, bundle.tokenizer, d, "eval")
     if not train:

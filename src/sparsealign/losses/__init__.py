@@ -9,6 +9,8 @@ from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, maske
 from sparsealign.losses.dpo import dpo_loss, ipo_loss
 from sparsealign.losses.sft import sft_loss
 from sparsealign.losses.simpo import simpo_loss
+from sparsealign.losses.sparsepo import sparsepo_loss
+from sparsealign.losses.tdpo import tdpo_loss
 
 __all__ = [
     "LossOutput",
@@ -20,4 +22,6 @@ __all__ = [
     "paired_metrics",
     "sft_loss",
     "simpo_loss",
+    "sparsepo_loss",
+    "tdpo_loss",
 ]

@@ -27,6 +27,10 @@ from sparsealign.data.collate import Batch
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
+CHECKPOINT_MIN_BYTES = 32 * 2**20
+"""Below this size of the float32 head output (rows x vocabulary) the logits are kept for the backward
+pass instead of being recomputed: the memory is negligible and recomputation would only cost time."""
+
 
 @dataclass
 class TokenOutputs:
@@ -121,9 +125,12 @@ def chunked_head(
     """Log-probs of ``targets`` (and KL(ref || policy) when ``reference`` is given) for ``[M, d]`` rows.
 
     With gradients enabled each chunk is checkpointed: only ``hidden`` is saved and the chunk's logits are
-    recomputed in the backward pass.
+    recomputed in the backward pass (unless all logits together are smaller than ``CHECKPOINT_MIN_BYTES``).
     """
-    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+    with torch.no_grad():
+        vocab = head(hidden[:1]).shape[-1] if hidden.shape[0] else 0
+    large = hidden.shape[0] * vocab * 4 >= CHECKPOINT_MIN_BYTES
+    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad and large
     logps, kls = [], []
     for start in range(0, hidden.shape[0], chunk):
         part = slice(start, start + chunk)

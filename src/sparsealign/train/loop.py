@@ -136,7 +136,7 @@ def evaluate_loss(
     policy.eval()
     with torch.no_grad():
         for items, counted in batches:
-            batch = collate_pairs(items, pad, cfg.data.padding_side).to(accelerator.device)
+            batch = collate_pairs(items, pad, cfg.data.padding_side, not method.paired).to(accelerator.device)
             out = compute_loss(policy, bundle, method, cfg, batch)
             records.append((len(items) if counted else 0, {"loss": out.loss, **out.metrics}))
     return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
@@ -223,8 +223,9 @@ def train(cfg: Config) -> RunResult:
         accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config_tree.items()})
     log = MetricsLog(metrics_path, accelerator)
 
-    def checkpoint() -> None:
-        rngs = gather_object([rng_state()])
+    def checkpoint(rng: dict[str, Any] | None = None) -> None:
+        """Save at the current step boundary; ``rng`` is the RNG state at that boundary (default: now)."""
+        rngs = gather_object([rng if rng is not None else rng_state()])
         if accelerator.is_main_process:
             epoch, index = plan.position(state.step)
             state.epoch, state.batch_in_epoch = epoch, index
@@ -243,6 +244,7 @@ def train(cfg: Config) -> RunResult:
     pad = bundle.tokenizer.pad_token_id
     bar = _progress(total, state.step, cfg.train.progress and accelerator.is_main_process)
     last_saved = state.step if resume_from is not None else -1
+    step_start_rng = rng_state()
     interrupted = False
     final_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -251,10 +253,12 @@ def train(cfg: Config) -> RunResult:
     try:
         while state.step < total:
             policy.train()
+            step_start_rng = rng_state()  # what a checkpoint taken on Ctrl-C during this step restores
             records = []
             micro = plan.micro_batches(state.step, accelerator.process_index)
             for indices in micro:
-                batch = collate_pairs([data.train[j] for j in indices], pad, cfg.data.padding_side).to(
+                items = [data.train[j] for j in indices]
+                batch = collate_pairs(items, pad, cfg.data.padding_side, not method.paired).to(
                     accelerator.device
                 )
                 with accelerator.accumulate(policy):  # syncs gradients and steps only on the last micro-batch
@@ -299,7 +303,7 @@ def train(cfg: Config) -> RunResult:
         if bar is not None:
             bar.close()
         if state.step > 0 and state.step != last_saved:
-            checkpoint()
+            checkpoint(step_start_rng)
         logger.warning(
             "interrupted at step %d; checkpoint saved; continue with train.resume=auto", state.step
         )
