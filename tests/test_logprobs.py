@@ -73,8 +73,12 @@ def test_token_kl_matches_full_vocabulary_kl():
     pairs = random_pairs(2)
     batch = collate_pairs(pairs, pad_id=2)
     with torch.no_grad():
-        ref_out = TokenModel(reference)(batch)
+        ref_direct = TokenModel(reference)(batch).logps
+        ref_out = TokenModel(reference)(batch, head=False)
+    assert ref_out.logps is None
     out = TokenModel(policy, chunk=4)(batch, reference=ref_out, reference_head=output_head(reference))
+    # the reference log-probs come from the same reference logits as the KL
+    torch.testing.assert_close(ref_out.logps, ref_direct, atol=1e-6, rtol=1e-6)
     for n, (prompt, response) in enumerate(
         [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     ):

@@ -126,7 +126,7 @@ def test_checkpoint_from_another_run_is_refused(tmp_path):
         train(smoke(tmp_path, "train.max_steps=4", "method.beta=0.5", "train.resume=auto"))
 
 
-@pytest.mark.parametrize("method", ["ipo", "simpo", "sft", "cdpo"])
+@pytest.mark.parametrize("method", ["ipo", "simpo", "sft", "cdpo", "tdpo1", "tdpo2", "sparsepo", "mapo"])
 def test_every_method_trains(tmp_path, method):
     extra = ["method.label_smoothing=0.1"] if method == "cdpo" else []
     result = train(
@@ -221,3 +221,30 @@ def test_two_processes_match_one(tmp_path):
     assert sorted(la) == sorted(lb) == [1, 2, 3]
     for step in la:
         assert la[step] == pytest.approx(lb[step], abs=1e-5)
+
+
+def _mask_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(folder / "trainable.safetensors").items() if k.startswith("extra.")}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_mask_networks_train_and_resume(tmp_path, lora):
+    """SparsePO's mask parameters change with training (also under LoRA) and come back on resume."""
+    extra = ["model.lora.r=4"] if lora else []
+    common = ["method.name=sparsepo", "train.save_every=1", "train.eval_every=0", *extra]
+    train(smoke(tmp_path, "train.max_steps=2", *common))
+    step1 = _mask_weights(tmp_path / "checkpoints/step-1")
+    step2 = _mask_weights(tmp_path / "checkpoints/step-2")
+    assert step1 and step1.keys() == step2.keys()
+    assert any(not torch.equal(step1[k], step2[k]) for k in step1), "mask parameters did not change"
+    assert (tmp_path / "final/method_module.safetensors").is_file()
+    # resume from step 1 in a fresh folder: the third step starts from the saved mask weights
+    import shutil
+
+    shutil.copytree(tmp_path / "checkpoints/step-1", tmp_path / "again/checkpoints/step-1")
+    train(smoke(tmp_path / "again", "train.max_steps=2", *common, "train.resume=auto"))
+    torch.testing.assert_close(
+        _mask_weights(tmp_path / "again/checkpoints/step-2"), step2, atol=1e-6, rtol=1e-5
+    )

@@ -127,14 +127,64 @@ class RewardConfig:
     batch_size: int = _help("Texts per scoring batch.", default=64)
 
 
+MASK_MODELS = ("simple_all", "simple_last", "mlp_all", "mlp_last", "random")
+
+
 @dataclass
 class MethodConfig:
-    name: Literal["dpo", "cdpo", "ipo", "simpo", "sft"] = _help("Training objective.", default="dpo")
-    beta: float = _help("Inverse temperature (DPO, cDPO, SimPO) or tau (IPO).", default=0.1)
+    name: Literal["dpo", "cdpo", "ipo", "simpo", "sft", "tdpo1", "tdpo2", "sparsepo", "mapo"] = _help(
+        "Training objective.", default="dpo"
+    )
+    beta: float = _help(
+        "Inverse temperature (DPO, cDPO, SimPO, TDPO, SparsePO, MaPO) or tau (IPO).", default=0.1
+    )
     label_smoothing: float = _help(
         "cDPO: assumed probability that a preference label is flipped.", default=0.0
     )
     gamma: float = _help("SimPO target reward margin.", default=0.5)
+    alpha: float = _help("TDPO2: weight of the rejected-minus-chosen token-KL term.", default=0.5)
+    shared_mask: bool = _help(
+        "SparsePO: one mask network for reward and KL ('sparse-common'); false: two ('sparse-indp').",
+        default=True,
+    )
+    mask_model: Literal["simple_all", "simple_last", "mlp_all", "mlp_last", "random"] = _help(
+        "SparsePO mask network on the reference's hidden states.", default="simple_all"
+    )
+    l1_reward: float = _help("SparsePO: L1 weight on the reward mask values.", default=0.0)
+    l1_kl: float = _help("SparsePO: L1 weight on the KL mask values.", default=0.0)
+    mask_weight_decay: float = _help(
+        "SparsePO: AdamW weight decay of the mask networks' weights.", default=0.01
+    )
+    activations: str = _help(
+        "MaPO: activation types for the mask, comma-separated from mlp, attn, resid, logits; or all, or uniform.",
+        default="all",
+    )
+
+
+# Which method uses which method.* field; a field changed from its default for a method that does not use it
+# is refused rather than silently ignored.
+METHOD_FIELDS = {
+    "label_smoothing": {"dpo", "cdpo"},
+    "gamma": {"simpo"},
+    "alpha": {"tdpo2"},
+    "shared_mask": {"sparsepo"},
+    "mask_model": {"sparsepo"},
+    "l1_reward": {"sparsepo"},
+    "l1_kl": {"sparsepo"},
+    "mask_weight_decay": {"sparsepo"},
+    "activations": {"mapo"},
+}
+
+# The option names of the SparsePO paper's code, accepted with a note: alias -> (our key, value conversion).
+ALIASES: dict[str, tuple[str, Any]] = {
+    "method.rw_kl_independent": ("method.shared_mask", lambda independent: not independent),
+    "method.l1_norm_param_u": ("method.l1_reward", lambda v: v),
+    "method.l1_norm_param_d": ("method.l1_kl", lambda v: v),
+    "method.activation_hook": ("method.activations", lambda v: v),
+    "method.pref_optim": ("method.name", lambda v: {"sparse": "sparsepo"}.get(v, v)),
+}
+# Accepted only with the single value our implementation has (anything else would silently differ).
+FIXED_ALIASES = {"method.activation_mapping": "zn_rescale"}
 
 
 @dataclass
@@ -147,6 +197,7 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     adam_betas: list[float] = _help("AdamW betas.", default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = _help("Linear warm-up steps from 0 to `lr`.", default=0)
+    warmup_ratio: float = _help("Warm-up as a fraction of all steps (instead of warmup_steps).", default=0.0)
     schedule: Literal["constant", "linear", "cosine"] = _help("Decay after warm-up.", default="constant")
     max_grad_norm: float | None = _help(
         "Clip the global gradient norm to this (null: no clipping).", default=1.0
@@ -288,6 +339,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _check_path(dotted: str) -> None:
     """Fail early, with a suggestion, on an override whose key does not exist."""
+    if dotted in ALIASES or dotted in FIXED_ALIASES:
+        return
     cls: Any = Config
     walked = []
     for part in dotted.split("."):
@@ -317,28 +370,82 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe as a nested dict. ``base: other.yaml`` (relative to the recipe) inherits another recipe,
+    whose sections this one updates key by key."""
+    if not path.is_file():
+        raise ConfigError(f"Recipe '{path}' not found.")
+    if path.resolve() in seen:
+        raise ConfigError(f"Recipe '{path}' inherits itself through 'base'.")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Recipe '{path}' is not valid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"Recipe '{path}' must be a mapping of sections.")
+    tree = loaded or {}
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _merge(read_recipe(path.parent / str(base), (*seen, path.resolve())), tree)
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (optional), apply dotted overrides, validate, and return a :class:`Config`."""
-    tree: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"Recipe '{recipe}' not found.")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"Recipe '{recipe}' is not valid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"Recipe '{recipe}' must be a mapping of sections.")
-        tree = loaded or {}
+    tree: dict[str, Any] = read_recipe(Path(recipe)) if recipe is not None else {}
     for text in overrides or []:
         key, value = parse_override(text)
         if key == "method" and isinstance(value, str):
             key = "method.name"  # `method=kto` is shorthand for `method.name=kto`
         _set_dotted(tree, key, value)
+    _apply_aliases(tree)
     config = _build(Config, tree)
     validate(config)
     return config
+
+
+def _apply_aliases(tree: dict[str, Any]) -> None:
+    """Rewrite the SparsePO code's option names to ours, logging a note for each."""
+    import logging
+
+    method = tree.get("method")
+    if not isinstance(method, dict):
+        return
+    log = logging.getLogger("sparsealign.config")
+    for alias, fixed in FIXED_ALIASES.items():
+        key = alias.split(".", 1)[1]
+        if key in method:
+            value = method.pop(key)
+            if value != fixed:
+                raise ConfigError(f"'{alias}' supports only '{fixed}' (the paper's mapping), got {value!r}.")
+            log.info(
+                "config: %s=%s is what method=mapo always does; the option is accepted and dropped",
+                alias,
+                value,
+            )
+    for alias, (target, convert) in ALIASES.items():
+        key = alias.split(".", 1)[1]
+        if key in method:
+            value = method.pop(key)
+            new_key = target.split(".", 1)[1]
+            method[new_key] = convert(value)
+            log.info(
+                "config: %s=%r is the SparsePO code's name; using %s=%r",
+                alias,
+                value,
+                target,
+                method[new_key],
+            )
 
 
 def validate(config: Config) -> None:
@@ -350,12 +457,22 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "'train.max_steps', 'train.save_every', 'train.eval_every' must be >= 0 and 'train.log_every' >= 1."
         )
-    if config.method.name == "cdpo" and not 0.0 < config.method.label_smoothing < 0.5:
+    m = config.method
+    if m.name == "cdpo" and not 0.0 < m.label_smoothing < 0.5:
         raise ConfigError(
             "'method.label_smoothing' must be in (0, 0.5) for cdpo (e.g. method.label_smoothing=0.1)."
         )
-    if config.method.name != "cdpo" and config.method.label_smoothing != 0.0 and config.method.name != "dpo":
-        raise ConfigError(f"'method.label_smoothing' has no effect with method '{config.method.name}'.")
+    defaults = MethodConfig()
+    for key, methods in METHOD_FIELDS.items():
+        if m.name not in methods and getattr(m, key) != getattr(defaults, key):
+            users = ", ".join(sorted(methods))
+            raise ConfigError(
+                f"'method.{key}' has no effect with method '{m.name}' (it is used by: {users})."
+            )
+    if t.warmup_steps and t.warmup_ratio:
+        raise ConfigError("Give 'train.warmup_steps' or 'train.warmup_ratio', not both.")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError("'train.warmup_ratio' must be in [0, 1).")
     d = config.data
     if d.max_prompt_length >= d.max_length:
         raise ConfigError("'data.max_prompt_length' must be smaller than 'data.max_length'.")

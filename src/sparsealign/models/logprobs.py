@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,14 +40,16 @@ class TokenOutputs:
     ``logps[n, t]``: log-prob of response token ``t``; ``head_inputs``: the ``[M, d]`` final hidden rows of
     the ``M`` real response tokens (in ``response_mask`` order), which a later KL computation needs;
     ``kl[n, t]``: KL(reference || policy) at that token, when asked; ``layers[i]``: ``[N, T, d]`` hidden
-    states of decoder layer ``i`` (0 = embeddings) at the predicting positions, when asked.
+    states of decoder layer ``i`` (0 = embeddings) at the predicting positions, when asked; ``extra``: the
+    output of the method's trainable module (e.g. SparsePO's mask networks), when there is one.
     """
 
-    logps: torch.Tensor
+    logps: torch.Tensor | None
     mask: torch.Tensor
     head_inputs: torch.Tensor
     kl: torch.Tensor | None = None
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    extra: Any = None
 
     def chosen(self, num_pairs: int) -> TokenOutputs:
         return self._rows(slice(0, num_pairs))
@@ -58,12 +61,12 @@ class TokenOutputs:
         start = int(self.mask[: rows.start].sum())
         stop = int(self.mask[: rows.stop].sum())
         return TokenOutputs(
-            logps=self.logps[rows],
+            logps=None if self.logps is None else self.logps[rows],
             mask=self.mask[rows],
             head_inputs=self.head_inputs[start:stop],
             kl=None if self.kl is None else self.kl[rows],
             layers={i: h[rows] for i, h in self.layers.items()},
-        )
+        )  # ``extra`` (a method module's output) is sliced by the method that knows its shape
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -107,12 +110,14 @@ def _selected_logps(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> 
 
 def _logps_and_kl(
     head: Head, hidden: torch.Tensor, targets: torch.Tensor, ref_head: Head, ref_hidden: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy log-probs, KL(ref || policy) and the reference log-probs from one pair of head calls."""
     logp_all = torch.log_softmax(head(hidden).float(), dim=-1)
     with torch.no_grad():
         ref_all = torch.log_softmax(ref_head(ref_hidden).float(), dim=-1)
     kl = (ref_all.exp() * (ref_all - logp_all)).sum(-1)
-    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), kl
+    index = targets.unsqueeze(-1)
+    return logp_all.gather(-1, index).squeeze(-1), kl, ref_all.gather(-1, index).squeeze(-1)
 
 
 def chunked_head(
@@ -121,8 +126,10 @@ def chunked_head(
     targets: torch.Tensor,
     chunk: int,
     reference: tuple[Head, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs of ``targets`` (and KL(ref || policy) when ``reference`` is given) for ``[M, d]`` rows.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs of ``targets`` for ``[M, d]`` rows; with ``reference`` (its head and hidden rows) also the
+    KL(ref || policy) over the vocabulary and the reference's log-probs of ``targets`` (from the same
+    reference logits, so the reference head runs once per token).
 
     With gradients enabled each chunk is checkpointed: only ``hidden`` is saved and the chunk's logits are
     recomputed in the backward pass (unless all logits together are smaller than ``CHECKPOINT_MIN_BYTES``).
@@ -131,7 +138,7 @@ def chunked_head(
         vocab = head(hidden[:1]).shape[-1] if hidden.shape[0] else 0
     large = hidden.shape[0] * vocab * 4 >= CHECKPOINT_MIN_BYTES
     use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad and large
-    logps, kls = [], []
+    parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, hidden.shape[0], chunk):
         part = slice(start, start + chunk)
         if reference is None:
@@ -141,15 +148,12 @@ def chunked_head(
             args = (head, hidden[part], targets[part], reference[0], reference[1][part])
             fn = _logps_and_kl
         out = checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args)
-        if reference is None:
-            logps.append(out)
-        else:
-            logps.append(out[0])
-            kls.append(out[1])
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    logp = torch.cat(logps) if logps else empty
-    kl = (torch.cat(kls) if kls else empty) if reference is not None else None
-    return logp, kl
+        parts.append(out if isinstance(out, tuple) else (out,))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty, empty) if reference is not None else (empty, None, None)
+    columns = [torch.cat(column) for column in zip(*parts, strict=True)]
+    return (columns[0], columns[1], columns[2]) if reference is not None else (columns[0], None, None)
 
 
 def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -162,13 +166,16 @@ class TokenModel(nn.Module):
     """A causal LM whose forward returns response-aligned per-token outputs.
 
     It is an ``nn.Module`` so that accelerate (DDP, FSDP, DeepSpeed) can wrap it: the decoder and the head
-    run inside its ``forward``, which is what distributed wrappers hook.
+    run inside its ``forward``, which is what distributed wrappers hook. ``extra`` is a method's own
+    trainable module (SparsePO's mask networks); it runs inside the same forward on the reference's hidden
+    states, so distributed wrappers see and synchronise its parameters like the model's.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 512) -> None:
+    def __init__(self, model: nn.Module, chunk: int = 512, extra: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.extra = extra
 
     def forward(
         self,
@@ -176,9 +183,13 @@ class TokenModel(nn.Module):
         layers: Sequence[int] = (),
         reference: TokenOutputs | None = None,
         reference_head: Head | None = None,
+        head: bool = True,
     ) -> TokenOutputs:
-        """Run one forward. ``reference`` (outputs of the reference on the same batch) and its head turn on
-        the token KL; ``layers`` selects hidden states to return (0 = embeddings, ``i`` = after block ``i``)."""
+        """Run one forward. ``layers`` selects hidden states to return (0 = embeddings, ``i`` = after block
+        ``i``). ``reference`` (outputs of the reference on the same batch) feeds ``extra``; with
+        ``reference_head`` it also turns on the token KL, and the reference's log-probs are then taken from
+        the same reference logits and stored into ``reference.logps`` (so a reference run for a KL method
+        passes ``head=False`` and leaves its ``logps`` to this call)."""
         lm = unwrap_causal_lm(self.model)
         decoder = lm.get_decoder()
         out = decoder(
@@ -193,16 +204,34 @@ class TokenModel(nn.Module):
         hidden = out.last_hidden_state[rows, batch.response_index][mask]  # [M, d]
         targets = batch.response_ids[mask]
         ref = None
-        if reference is not None:
-            if reference_head is None:
-                raise ValueError("the token KL needs the reference's output head")
+        if reference_head is not None:
+            if reference is None:
+                raise ValueError("the token KL needs the reference's outputs on the same batch")
             ref = (reference_head, reference.head_inputs)
-        logp, kl = chunked_head(output_head(self.model), hidden, targets, self.chunk, ref)
-        selected = {i: out.hidden_states[i][rows, batch.response_index] * mask.unsqueeze(-1) for i in layers}
+        if not head:
+            return TokenOutputs(
+                logps=None, mask=mask, head_inputs=hidden, layers=self._layers(out, batch, layers)
+            )
+        logp, kl, ref_logp = chunked_head(output_head(self.model), hidden, targets, self.chunk, ref)
+        if ref_logp is not None:
+            reference.logps = _scatter(ref_logp, mask)
+        selected = self._layers(out, batch, layers)
+        extra = None
+        if self.extra is not None:
+            if reference is None:
+                raise ValueError("the method's module runs on the reference's outputs; pass `reference`")
+            extra = self.extra(reference.layers, mask)
         return TokenOutputs(
             logps=_scatter(logp, mask),
             mask=mask,
             head_inputs=hidden,
             kl=None if kl is None else _scatter(kl, mask),
             layers=selected,
+            extra=extra,
         )
+
+    @staticmethod
+    def _layers(out: Any, batch: Batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device).unsqueeze(1)
+        mask = batch.response_mask.unsqueeze(-1)
+        return {i: out.hidden_states[i][rows, batch.response_index] * mask for i in layers}

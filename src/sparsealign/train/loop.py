@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,9 @@ from sparsealign.data.examples import TokenizedPair
 from sparsealign.data.prepare import PreparedData, prepare_data
 from sparsealign.errors import UserError
 from sparsealign.losses import LossOutput
-from sparsealign.methods import Method, StepOutputs, get_method
+from sparsealign.methods import Method, StepOutputs, get_method, save_method_module
 from sparsealign.models.loading import ModelBundle, load_bundle, save_final
-from sparsealign.models.logprobs import TokenModel, output_head
+from sparsealign.models.logprobs import TokenModel, TokenOutputs, output_head, unwrap_causal_lm
 from sparsealign.train.batches import BatchPlan, shard
 from sparsealign.train.checkpoint import (
     TrainState,
@@ -64,27 +65,54 @@ class RunResult:
     report: dict[str, Any] | None = None
 
 
-def step_outputs(policy: torch.nn.Module, bundle: ModelBundle, method: Method, batch: Batch) -> StepOutputs:
-    """Run the reference (if needed) and the policy on one concatenated batch."""
-    reference = None
-    reference_head = None
+def reference_outputs(
+    ref_model: torch.nn.Module, chunk: int, method: Method, cfg: Config, batch: Batch, layers: Sequence[int]
+) -> tuple[TokenOutputs, torch.Tensor | None]:
+    """The reference's per-token outputs and, for MaPO, its activation mask ("uniform": all ones).
+
+    For token-KL methods the reference's head is not run here: the policy's forward runs it once per token
+    for both the KL and the reference log-probs.
+    """
+    tokens = TokenModel(ref_model, chunk)
+    head = not method.needs_token_kl
+    if method.activation_types is None:
+        return tokens(batch, layers=layers, head=head), None
+    types = method.activation_types(cfg.method)
+    if not types:
+        return tokens(batch, layers=layers, head=head), batch.response_mask.float()
+    from sparsealign.masks import activation_mask
+    from sparsealign.models.activations import capture_activations
+
+    with capture_activations(ref_model, types, batch) as groups:
+        out = tokens(batch, layers=layers, head=head)
+    return out, activation_mask(groups, batch.response_mask)
+
+
+def step_outputs(
+    policy: torch.nn.Module, bundle: ModelBundle, method: Method, cfg: Config, batch: Batch
+) -> StepOutputs:
+    """Run the reference (only if the method needs it, with only the layers, activations and head it needs)
+    and the policy on one concatenated batch."""
+    token_model = getattr(policy, "module", policy)
+    reference = reference_head = activation_mask = None
     if method.needs_reference:
+        layers = token_model.extra.layers() if token_model.extra is not None else ()
         with torch.no_grad(), bundle.reference_model() as ref_model:
-            reference = TokenModel(ref_model, policy_chunk(policy))(batch)
+            reference, activation_mask = reference_outputs(
+                ref_model, token_model.chunk, method, cfg, batch, layers
+            )
             if method.needs_token_kl:
                 reference_head = output_head(ref_model)
-    kl_inputs = {"reference": reference, "reference_head": reference_head} if method.needs_token_kl else {}
-    return StepOutputs(policy(batch, **kl_inputs), reference, batch.num_pairs)
-
-
-def policy_chunk(policy: torch.nn.Module) -> int:
-    return getattr(policy, "module", policy).chunk
+    out = policy(batch, reference=reference, reference_head=reference_head)
+    if reference is not None:
+        reference.layers = {}  # the mask module has used them: free them before the backward pass
+    return StepOutputs(out, reference, batch.num_pairs, activation_mask)
 
 
 def compute_loss(
     policy: torch.nn.Module, bundle: ModelBundle, method: Method, cfg: Config, batch: Batch
 ) -> LossOutput:
-    return method.compute(step_outputs(policy, bundle, method, batch), cfg.method)
+    return method.compute(step_outputs(policy, bundle, method, cfg, batch), cfg.method)
 
 
 class MetricsLog:
@@ -148,12 +176,24 @@ def _total_steps(cfg: Config, plan: BatchPlan) -> int:
     return max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
 
 
-def _build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("The model has no trainable parameters.")
+def _build_optimizer(model: TokenModel, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters. A method's own module (mask networks) has its own weight decay
+    on its weight matrices (``method.mask_weight_decay``), none on biases and norms, as in SparsePO."""
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    policy = [p for p in model.model.parameters() if p.requires_grad]
+    groups = [{"params": policy, "weight_decay": t.weight_decay}] if policy else []
+    if model.extra is not None:
+        named = [(n, p) for n, p in model.extra.named_parameters() if p.requires_grad]
+        decayed = [p for n, p in named if p.dim() >= 2]
+        plain = [p for n, p in named if p.dim() < 2]
+        groups += [
+            {"params": decayed, "weight_decay": cfg.method.mask_weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise TrainingError("The model has no trainable parameters.")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas))
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -202,9 +242,14 @@ def train(cfg: Config) -> RunResult:
         )
     total = _total_steps(cfg, plan)
 
-    policy = TokenModel(bundle.policy, cfg.train.logprob_chunk)
+    extra = None
+    if method.build_module is not None:
+        extra = method.build_module(cfg.method, unwrap_causal_lm(bundle.policy).config, cfg.train.seed)
+        extra.to(accelerator.device)
+    policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra)
     optimizer = _build_optimizer(policy, cfg)
-    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total, cfg.train.schedule)
+    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total)
+    scheduler = build_scheduler(optimizer, warmup, total, cfg.train.schedule)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
 
@@ -318,7 +363,9 @@ def train(cfg: Config) -> RunResult:
         log.write(state.step, eval_metrics)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(bundle, output_dir / "final", merge=cfg.model.merge_final)
+        final = save_final(bundle, output_dir / "final", merge=cfg.model.merge_final)
+        if unwrapped.extra is not None:
+            save_method_module(unwrapped.extra, cfg, final)
     report = None
     if cfg.eval.generate and data.eval_prompts and accelerator.is_main_process:
         from sparsealign.eval.report import evaluate_generations
