@@ -36,7 +36,7 @@ PAIRED_KEYS = {
 TDPO_KEYS = PAIRED_KEYS | {"kl/chosen", "kl/rejected", "logits/reward_part", "logits/kl_part"}
 SPARSEPO_KEYS = (
     TDPO_KEYS
-    | {"l1_penalty"}
+    | {"l1_penalty", "masked_kl/chosen", "masked_kl/rejected"}
     | {
         f"mask/{stat}_{kind}_{side}"
         for stat in ("sparsity", "mean")
@@ -246,6 +246,8 @@ def test_sparsepo_by_hand():
     assert_close(out.loss, expected.mean())
     m = out.metrics
     assert m.keys() == SPARSEPO_KEYS
+    # the per-side masked KL terms (beta * K) add up to the KL part of the logit
+    assert_close(m["masked_kl/chosen"] - m["masked_kl/rejected"], m["logits/kl_part"])
     expected_metrics = {
         "rewards/chosen": 0.375,
         "rewards/rejected": -0.25,

@@ -13,12 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_RECIPE = "configs/imdb/dpo.yaml"
+DEFAULT_RECIPE = "configs/imdb/sparsepo.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 COMMANDS = {
     "train": "Train a policy with a recipe (default: DPO on IMDB with SmolLM2, fully offline).",
     "config": "Print the fully resolved configuration of a recipe, or list every key with --keys.",
+    "masks": "Write an HTML page colouring response tokens by their SparsePO/MaPO reward and KL masks.",
 }
 
 
@@ -86,6 +87,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_masks(args: argparse.Namespace) -> int:
+    from sparsealign.eval.masks_page import write_masks_page
+
+    path = write_masks_page(args.run, args.n)
+    print(f"Wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsealign",
@@ -103,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
     config.add_argument("--keys", action="store_true", help="List every key, its default and its meaning.")
     config.set_defaults(func=_cmd_config)
+    masks = sub.add_parser("masks", help=COMMANDS["masks"], description=COMMANDS["masks"])
+    masks.add_argument("run", help="A run folder of a sparsepo or mapo run.")
+    masks.add_argument("--n", type=int, default=8, help="Number of held-out pairs to show.")
+    masks.set_defaults(func=_cmd_masks)
     return parser
 
 

@@ -117,6 +117,8 @@ def sparsepo_loss(
         {
             "logits/reward_part": reward_part.mean().detach(),
             "logits/kl_part": kl_part.mean().detach(),
+            "masked_kl/chosen": (beta * k_w).mean().detach(),  # beta*K_w enters the logit with + sign
+            "masked_kl/rejected": (beta * k_l).mean().detach(),  # beta*K_l enters with - sign
             "kl/chosen": masked_sum(kl_chosen, mask_chosen).mean().detach(),
             "kl/rejected": masked_sum(kl_rejected, mask_rejected).mean().detach(),
             "l1_penalty": penalty.mean().detach(),

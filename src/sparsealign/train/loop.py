@@ -365,7 +365,7 @@ def train(cfg: Config) -> RunResult:
     if accelerator.is_main_process:
         final = save_final(bundle, output_dir / "final", merge=cfg.model.merge_final)
         if unwrapped.extra is not None:
-            save_method_module(unwrapped.extra, cfg, final)
+            save_method_module(unwrapped.extra, cfg.method, final)
     report = None
     if cfg.eval.generate and data.eval_prompts and accelerator.is_main_process:
         from sparsealign.eval.report import evaluate_generations
