@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,46 @@ def test_every_shipped_recipe_loads():
     assert recipes
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_options_a_method_does_not_use_are_refused():
+    with pytest.raises(ConfigError, match="'method.l1_reward' has no effect with method 'dpo'"):
+        load_config(None, ["method.name=dpo", "method.l1_reward=0.1"])
+    with pytest.raises(ConfigError, match="'method.alpha' has no effect with method 'tdpo1'"):
+        load_config(None, ["method.name=tdpo1", "method.alpha=0.3"])
+    assert load_config(None, ["method.name=tdpo2", "method.alpha=0.3"]).method.alpha == 0.3
+
+
+def test_sparsepo_code_option_names_are_aliases(caplog):
+    caplog.set_level(logging.INFO, logger="sparsealign.config")
+    cfg = load_config(
+        None,
+        [
+            "method.pref_optim=sparse",
+            "method.rw_kl_independent=true",
+            "method.l1_norm_param_u=0.001",
+            "method.l1_norm_param_d=0.002",
+            "method.mask_model=simple_all",
+        ],
+    )
+    m = cfg.method
+    assert (m.name, m.shared_mask, m.l1_reward, m.l1_kl) == ("sparsepo", False, 0.001, 0.002)
+    assert "rw_kl_independent" in caplog.text
+    mapo = load_config(
+        None, ["method=mapo", "method.activation_hook=mlp", "method.activation_mapping=zn_rescale"]
+    )
+    assert mapo.method.activations == "mlp"
+    with pytest.raises(ConfigError, match="supports only 'zn_rescale'"):
+        load_config(None, ["method=mapo", "method.activation_mapping=sigmoid"])
+
+
+def test_recipes_inherit_with_base(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        yaml.safe_dump({"method": {"name": "dpo", "beta": 0.3}, "train": {"lr": 1e-4}})
+    )
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "parent.yaml", "method": {"beta": 0.5}}))
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.method.name, cfg.method.beta, cfg.train.lr) == ("dpo", 0.5, 1e-4)
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"base": "loop.yaml"}))
+    with pytest.raises(ConfigError, match="inherits itself"):
+        load_config(tmp_path / "loop.yaml")

@@ -126,9 +126,33 @@ def test_checkpoint_from_another_run_is_refused(tmp_path):
         train(smoke(tmp_path, "train.max_steps=4", "method.beta=0.5", "train.resume=auto"))
 
 
-@pytest.mark.parametrize("method", ["ipo", "simpo", "sft", "cdpo", "tdpo1", "tdpo2", "sparsepo", "mapo"])
+EXTRA = {
+    "cdpo": ["method.label_smoothing=0.1"],
+    "sparsepo-indp-mlp_last": ["method.shared_mask=false", "method.mask_model=mlp_last"],
+    "sparsepo-random": ["method.mask_model=random"],
+    "mapo-uniform": ["method.activations=uniform"],
+}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "ipo",
+        "simpo",
+        "sft",
+        "cdpo",
+        "tdpo1",
+        "tdpo2",
+        "sparsepo",
+        "mapo",
+        "sparsepo-indp-mlp_last",
+        "sparsepo-random",
+        "mapo-uniform",
+    ],
+)
 def test_every_method_trains(tmp_path, method):
-    extra = ["method.label_smoothing=0.1"] if method == "cdpo" else []
+    extra = EXTRA.get(method, [])
+    method = method.split("-")[0]
     result = train(
         smoke(tmp_path, f"method.name={method}", "train.max_steps=2", "train.save_every=0", *extra)
     )
