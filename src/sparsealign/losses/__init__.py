@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, masked_sum, paired_metrics
 from sparsealign.losses.dpo import dpo_loss, ipo_loss
+from sparsealign.losses.fpo import active_features, feature_distance, fpo_loss, pool_features
 from sparsealign.losses.sft import sft_loss
 from sparsealign.losses.simpo import simpo_loss
 from sparsealign.losses.sparsepo import sparsepo_loss
@@ -14,12 +15,16 @@ from sparsealign.losses.tdpo import tdpo_loss
 
 __all__ = [
     "LossOutput",
+    "active_features",
     "check_shapes",
     "dpo_loss",
+    "feature_distance",
+    "fpo_loss",
     "ipo_loss",
     "masked_mean",
     "masked_sum",
     "paired_metrics",
+    "pool_features",
     "sft_loss",
     "simpo_loss",
     "sparsepo_loss",
