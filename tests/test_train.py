@@ -272,3 +272,58 @@ def test_mask_networks_train_and_resume(tmp_path, lora):
     torch.testing.assert_close(
         _mask_weights(tmp_path / "again/checkpoints/step-2"), step2, atol=1e-6, rtol=1e-5
     )
+
+
+def _random_sae(folder: Path, d_in: int = 64, d_sae: int = 96) -> Path:
+    from sparsealign.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in, d_sae, "relu")
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    sae.save(folder)
+    return folder
+
+
+def test_fpo_trains_with_a_live_reference(tmp_path):
+    sae = _random_sae(tmp_path / "sae")
+    result = train(
+        smoke(
+            tmp_path / "run",
+            "method.name=fpo",
+            f"sae.path={sae}",
+            "sae.layer=1",
+            "method.k=8",
+            "train.max_steps=3",
+            "train.save_every=0",
+        )
+    )
+    rows = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-4), "policy == reference: log 2"
+    assert rows[0]["fpo/feature_dist_chosen"] == pytest.approx(0.0, abs=1e-10)
+    assert rows[-1]["fpo/feature_dist_rejected"] > 0, "the policy moved away from the reference's features"
+    assert rows[0]["fpo/active_features"] > 0
+    assert result.steps == 3
+
+
+def test_fpo_bad_sae_settings_are_clear(tmp_path):
+    sae = _random_sae(tmp_path / "sae")
+    from sparsealign.config import ConfigError
+    from sparsealign.train.loop import TrainingError
+
+    with pytest.raises(TrainingError, match="sae.layer=7"):
+        train(
+            smoke(tmp_path / "run", "method.name=fpo", f"sae.path={sae}", "sae.layer=7", "train.max_steps=1")
+        )
+    with pytest.raises(ConfigError, match="needs a sparse autoencoder"):
+        smoke(tmp_path / "run", "method.name=fpo")
+    wide = _random_sae(tmp_path / "wide", d_in=32)
+    from sparsealign.errors import UserError
+
+    with pytest.raises(UserError, match="32"):
+        train(
+            smoke(
+                tmp_path / "run2", "method.name=fpo", f"sae.path={wide}", "sae.layer=1", "train.max_steps=1"
+            )
+        )

@@ -132,7 +132,7 @@ MASK_MODELS = ("simple_all", "simple_last", "mlp_all", "mlp_last", "random")
 
 @dataclass
 class MethodConfig:
-    name: Literal["dpo", "cdpo", "ipo", "simpo", "sft", "tdpo1", "tdpo2", "sparsepo", "mapo"] = _help(
+    name: Literal["dpo", "cdpo", "ipo", "simpo", "sft", "tdpo1", "tdpo2", "sparsepo", "mapo", "fpo"] = _help(
         "Training objective.", default="dpo"
     )
     beta: float = _help(
@@ -142,7 +142,9 @@ class MethodConfig:
         "cDPO: assumed probability that a preference label is flipped.", default=0.0
     )
     gamma: float = _help("SimPO target reward margin.", default=0.5)
-    alpha: float = _help("TDPO2: weight of the rejected-minus-chosen token-KL term.", default=0.5)
+    alpha: float = _help(
+        "TDPO2: weight of the token-KL term; FPO: weight of the feature-distance term.", default=0.5
+    )
     shared_mask: bool = _help(
         "SparsePO: one mask network for reward and KL ('sparse-common'); false: two ('sparse-indp').",
         default=True,
@@ -159,6 +161,14 @@ class MethodConfig:
         "MaPO: activation types for the mask, comma-separated from mlp, attn, resid, logits; or all, or uniform.",
         default="all",
     )
+    k: int = _help("FPO: size of the top-k feature index set.", default=50)
+    index_set: Literal["reference", "policy", "union"] = _help(
+        "FPO: whose top-k features are constrained: the reference's, the policy's, or their union.",
+        default="reference",
+    )
+    stop_grad_chosen: bool = _help(
+        "FPO: stop the gradient through the chosen response's feature distance.", default=True
+    )
 
 
 # Which method uses which method.* field; a field changed from its default for a method that does not use it
@@ -166,7 +176,10 @@ class MethodConfig:
 METHOD_FIELDS = {
     "label_smoothing": {"dpo", "cdpo"},
     "gamma": {"simpo"},
-    "alpha": {"tdpo2"},
+    "alpha": {"tdpo2", "fpo"},
+    "k": {"fpo"},
+    "index_set": {"fpo"},
+    "stop_grad_chosen": {"fpo"},
     "shared_mask": {"sparsepo"},
     "mask_model": {"sparsepo"},
     "l1_reward": {"sparsepo"},
@@ -185,6 +198,21 @@ ALIASES: dict[str, tuple[str, Any]] = {
 }
 # Accepted only with the single value our implementation has (anything else would silently differ).
 FIXED_ALIASES = {"method.activation_mapping": "zn_rescale"}
+
+
+@dataclass
+class SAEConfig:
+    """The sparse autoencoder whose features FPO constrains (``sae.site=resid_post sae.layer=L``)."""
+
+    path: str | None = _help(
+        "SAE folder or file (SAELens, Gemma Scope params.npz, EleutherAI sparsify) or a hub id.", default=None
+    )
+    site: Literal["resid_post", "mlp_out"] = _help(
+        "Hook site: a block's output, or its MLP's output.", default="resid_post"
+    )
+    layer: int | None = _help(
+        "Decoder block of the site (default: the layer recorded with the SAE).", default=None
+    )
 
 
 @dataclass
@@ -242,6 +270,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -473,6 +502,10 @@ def validate(config: Config) -> None:
         raise ConfigError("Give 'train.warmup_steps' or 'train.warmup_ratio', not both.")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError("'train.warmup_ratio' must be in [0, 1).")
+    if m.name == "fpo" and config.sae.path is None:
+        raise ConfigError("method fpo needs a sparse autoencoder: set sae.path (and sae.site, sae.layer).")
+    if m.name != "fpo" and config.sae.path is not None:
+        raise ConfigError(f"'sae.path' has no effect with method '{m.name}' (it is used by: fpo).")
     d = config.data
     if d.max_prompt_length >= d.max_length:
         raise ConfigError("'data.max_prompt_length' must be smaller than 'data.max_length'.")

@@ -19,7 +19,18 @@ import torch
 from torch import nn
 
 from sparsealign.config import MethodConfig
-from sparsealign.losses import LossOutput, dpo_loss, ipo_loss, sft_loss, simpo_loss, sparsepo_loss, tdpo_loss
+from sparsealign.losses import (
+    LossOutput,
+    active_features,
+    dpo_loss,
+    feature_distance,
+    fpo_loss,
+    ipo_loss,
+    sft_loss,
+    simpo_loss,
+    sparsepo_loss,
+    tdpo_loss,
+)
 from sparsealign.models.logprobs import TokenOutputs
 
 
@@ -50,7 +61,7 @@ class Method:
     chosen responses only, as SFT); ``build_module(method_cfg, model_config, seed)``: an extra trainable
     module that runs on the reference's hidden states (SparsePO's mask networks; it declares the layers
     it needs with ``.layers()``); ``activation_types(method_cfg)``: reference activations to capture for a
-    mask (MaPO).
+    mask (MaPO); ``needs_features``: pooled SAE codes of policy and reference (FPO; the SAE is ``sae.*``).
     """
 
     name: str
@@ -60,6 +71,7 @@ class Method:
     paired: bool = True
     build_module: Callable[[MethodConfig, Any, int], nn.Module] | None = None
     activation_types: Callable[[MethodConfig], list[str]] | None = None
+    needs_features: bool = False
 
 
 def _dpo(out: StepOutputs, cfg: MethodConfig) -> LossOutput:
@@ -117,6 +129,18 @@ def _mapo(out: StepOutputs, cfg: MethodConfig) -> LossOutput:
     return _sparse(out, cfg, (mask, mask), shared=True)
 
 
+def _fpo(out: StepOutputs, cfg: MethodConfig) -> LossOutput:
+    (pc, pr), (rc, rr) = out.policy_pair(), out.reference_pair()
+    d_w = feature_distance(pc.features, rc.features, cfg.k, cfg.index_set)
+    d_l = feature_distance(pr.features, rr.features, cfg.k, cfg.index_set)
+    result = fpo_loss(
+        pc.logps, pr.logps, rc.logps, rr.logps, pc.mask, pr.mask, d_w, d_l,
+        beta=cfg.beta, alpha=cfg.alpha, stop_grad_chosen=cfg.stop_grad_chosen,
+    )  # fmt: skip
+    result.metrics["fpo/active_features"] = active_features(out.policy.features)
+    return result
+
+
 def _mask_model(cfg: MethodConfig, model_config: Any, seed: int) -> nn.Module:
     from sparsealign.masks import build_mask_model
 
@@ -145,6 +169,7 @@ METHODS: dict[str, Method] = {
     "mapo": Method(
         "mapo", _mapo, needs_reference=True, needs_token_kl=True, activation_types=_activation_types
     ),
+    "fpo": Method("fpo", _fpo, needs_reference=True, needs_features=True),
 }
 
 

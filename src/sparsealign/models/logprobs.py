@@ -16,6 +16,7 @@ All outputs are response-aligned ``[N, T]`` (``[N, T, d]`` for hidden states), z
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,8 @@ class TokenOutputs:
     the ``M`` real response tokens (in ``response_mask`` order), which a later KL computation needs;
     ``kl[n, t]``: KL(reference || policy) at that token, when asked; ``layers[i]``: ``[N, T, d]`` hidden
     states of decoder layer ``i`` (0 = embeddings) at the predicting positions, when asked; ``extra``: the
-    output of the method's trainable module (e.g. SparsePO's mask networks), when there is one.
+    output of the method's trainable module (e.g. SparsePO's mask networks), when there is one;
+    ``features``: ``[N, F]`` pooled SAE codes of each response (FPO), when the model has a feature probe.
     """
 
     logps: torch.Tensor | None
@@ -50,6 +52,7 @@ class TokenOutputs:
     kl: torch.Tensor | None = None
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
     extra: Any = None
+    features: torch.Tensor | None = None
 
     def chosen(self, num_pairs: int) -> TokenOutputs:
         return self._rows(slice(0, num_pairs))
@@ -66,6 +69,7 @@ class TokenOutputs:
             head_inputs=self.head_inputs[start:stop],
             kl=None if self.kl is None else self.kl[rows],
             layers={i: h[rows] for i, h in self.layers.items()},
+            features=None if self.features is None else self.features[rows],
         )  # ``extra`` (a method module's output) is sliced by the method that knows its shape
 
 
@@ -171,11 +175,18 @@ class TokenModel(nn.Module):
     states, so distributed wrappers see and synchronise its parameters like the model's.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 512, extra: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk: int = 512,
+        extra: nn.Module | None = None,
+        features: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
         self.extra = extra
+        self.features = features  # a FeatureProbe (FPO): pooled SAE codes of one hook site
 
     def forward(
         self,
@@ -192,13 +203,16 @@ class TokenModel(nn.Module):
         passes ``head=False`` and leaves its ``logps`` to this call)."""
         lm = unwrap_causal_lm(self.model)
         decoder = lm.get_decoder()
-        out = decoder(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            output_hidden_states=bool(layers),
-            use_cache=False,
-        )
+        probe = self.features.capture(lm) if self.features is not None else contextlib.nullcontext({})
+        with probe as captured:
+            out = decoder(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                output_hidden_states=bool(layers),
+                use_cache=False,
+            )
+        features = self.features.pooled(captured["activations"], batch) if self.features is not None else None
         rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device).unsqueeze(1)
         mask = batch.response_mask
         hidden = out.last_hidden_state[rows, batch.response_index][mask]  # [M, d]
@@ -228,6 +242,7 @@ class TokenModel(nn.Module):
             kl=None if kl is None else _scatter(kl, mask),
             layers=selected,
             extra=extra,
+            features=features,
         )
 
     @staticmethod

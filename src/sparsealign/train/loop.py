@@ -66,20 +66,25 @@ class RunResult:
 
 
 def reference_outputs(
-    ref_model: torch.nn.Module, chunk: int, method: Method, cfg: Config, batch: Batch, layers: Sequence[int]
+    ref_model: torch.nn.Module,
+    chunk: int,
+    method: Method,
+    cfg: Config,
+    batch: Batch,
+    layers: Sequence[int],
+    features: torch.nn.Module | None = None,
 ) -> tuple[TokenOutputs, torch.Tensor | None]:
     """The reference's per-token outputs and, for MaPO, its activation mask ("uniform": all ones).
 
     For token-KL methods the reference's head is not run here: the policy's forward runs it once per token
     for both the KL and the reference log-probs.
     """
-    tokens = TokenModel(ref_model, chunk)
+    tokens = TokenModel(ref_model, chunk, features=features)
     head = not method.needs_token_kl
-    if method.activation_types is None:
-        return tokens(batch, layers=layers, head=head), None
-    types = method.activation_types(cfg.method)
-    if not types:
-        return tokens(batch, layers=layers, head=head), batch.response_mask.float()
+    types = method.activation_types(cfg.method) if method.activation_types is not None else None
+    if not types:  # no activation mask, or "uniform" (an empty list): all ones, TDPO1's weighting
+        uniform = None if types is None else batch.response_mask.float()
+        return tokens(batch, layers=layers, head=head), uniform
     from sparsealign.masks import activation_mask
     from sparsealign.models.activations import capture_activations
 
@@ -99,7 +104,7 @@ def step_outputs(
         layers = token_model.extra.layers() if token_model.extra is not None else ()
         with torch.no_grad(), bundle.reference_model() as ref_model:
             reference, activation_mask = reference_outputs(
-                ref_model, token_model.chunk, method, cfg, batch, layers
+                ref_model, token_model.chunk, method, cfg, batch, layers, token_model.features
             )
             if method.needs_token_kl:
                 reference_head = output_head(ref_model)
@@ -168,6 +173,23 @@ def evaluate_loss(
             out = compute_loss(policy, bundle, method, cfg, batch)
             records.append((len(items) if counted else 0, {"loss": out.loss, **out.metrics}))
     return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
+
+
+def build_feature_probe(cfg: Config, bundle: ModelBundle, device: torch.device) -> torch.nn.Module:
+    """FPO: the frozen SAE of ``sae.*`` at its hook site, checked against the model's width and depth."""
+    from sparsealign.sae import load_sae, site_module
+    from sparsealign.sae.probe import FeatureProbe
+
+    model_config = unwrap_causal_lm(bundle.policy).config
+    sae = load_sae(cfg.sae.path, d_in=model_config.hidden_size)
+    layer = cfg.sae.layer if cfg.sae.layer is not None else sae.layer
+    if layer is None:
+        raise TrainingError(f"The SAE at {cfg.sae.path} records no layer: set sae.layer.")
+    try:
+        site_module(unwrap_causal_lm(bundle.policy), cfg.sae.site, layer)
+    except ValueError as error:
+        raise TrainingError(f"sae.site={cfg.sae.site} sae.layer={layer}: {error}") from None
+    return FeatureProbe(sae, cfg.sae.site, layer).to(device)
 
 
 def _total_steps(cfg: Config, plan: BatchPlan) -> int:
@@ -246,7 +268,8 @@ def train(cfg: Config) -> RunResult:
     if method.build_module is not None:
         extra = method.build_module(cfg.method, unwrap_causal_lm(bundle.policy).config, cfg.train.seed)
         extra.to(accelerator.device)
-    policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra)
+    features = build_feature_probe(cfg, bundle, accelerator.device) if method.needs_features else None
+    policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra, features)
     optimizer = _build_optimizer(policy, cfg)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total)
     scheduler = build_scheduler(optimizer, warmup, total, cfg.train.schedule)
