@@ -237,6 +237,11 @@ def test_full_bundle_reference_copy() -> None:
 
     no_ref = load_bundle(ModelConfig(name="tiny-random-llama"), seed=5, need_reference=False)
     assert no_ref.reference is None
+    no_ref.policy.train()
+    with no_ref.reference_model() as module:  # before training, the policy is the reference
+        assert module is no_ref.policy and not module.training
+    assert no_ref.policy.training  # mode restored
+    no_ref.untrained = False
     with pytest.raises(ModelError, match="need_reference=True"), no_ref.reference_model():
         pass
 

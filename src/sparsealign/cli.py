@@ -1,7 +1,8 @@
 """The ``sparsealign`` command line.
 
 ``sparsealign train [RECIPE] [key=value ...]`` trains; with no recipe it runs the embedded default,
-``configs/imdb/dpo.yaml``. ``sparsealign config [RECIPE] [key=value ...]`` prints the resolved config
+``configs/imdb/sparsepo.yaml``. ``sparsealign cache RECIPE`` stores a recipe's reference outputs (the
+offline reference cache). ``sparsealign config [RECIPE] [key=value ...]`` prints the resolved config
 (``--keys`` lists every key with its help). Heavy libraries are imported only inside the commands, so
 ``sparsealign --help`` answers at once.
 """
@@ -17,8 +18,9 @@ DEFAULT_RECIPE = "configs/imdb/sparsepo.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 COMMANDS = {
-    "train": "Train a policy with a recipe (default: DPO on IMDB with SmolLM2, fully offline).",
+    "train": "Train a policy with a recipe (default: SparsePO on IMDB with SmolLM2, fully offline).",
     "config": "Print the fully resolved configuration of a recipe, or list every key with --keys.",
+    "cache": "Run the reference once over a recipe's data and store its outputs (training then runs none).",
     "masks": "Write an HTML page colouring response tokens by their SparsePO/MaPO reward and KL masks.",
 }
 
@@ -87,6 +89,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from sparsealign.config import load_config
+
+    recipe, overrides = _split_args(args.args)
+    config = load_config(resolve_recipe(recipe), overrides)
+    from sparsealign.refcache.build import cache_run
+
+    folder, built = cache_run(config, force=args.force)
+    print(f"{'Wrote' if built else 'Up to date:'} {folder}; train with reference.cache={folder}")
+    return 0
+
+
 def _cmd_masks(args: argparse.Namespace) -> int:
     from sparsealign.eval.masks_page import write_masks_page
 
@@ -112,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
     config.add_argument("--keys", action="store_true", help="List every key, its default and its meaning.")
     config.set_defaults(func=_cmd_config)
+    cache = sub.add_parser("cache", help=COMMANDS["cache"], description=COMMANDS["cache"])
+    cache.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
+    cache.add_argument("--force", action="store_true", help="Rebuild even a cache that exists.")
+    cache.set_defaults(func=_cmd_cache)
     masks = sub.add_parser("masks", help=COMMANDS["masks"], description=COMMANDS["masks"])
     masks.add_argument("run", help="A run folder of a sparsepo or mapo run.")
     masks.add_argument("--n", type=int, default=8, help="Number of held-out pairs to show.")

@@ -216,6 +216,26 @@ class SAEConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """Where the reference side comes from: the live reference model, or an offline cache of its outputs."""
+
+    cache: str | None = _help(
+        "A reference cache folder (written by `sparsealign cache`): training then runs no reference model. "
+        "Needs a method that uses only reference log-probs (and pooled SAE codes): dpo, cdpo, ipo, fpo.",
+        default=None,
+    )
+    build_missing: bool = _help(
+        "Build a missing reference.cache before training (false: a missing cache is an error).", default=True
+    )
+    feature_top_k: int | None = _help(
+        "FPO cache: keep only the top-k pooled reference SAE codes per response (null: every non-zero, "
+        "exact for any method.index_set; k: exact for index_set=reference with method.k <= k).",
+        default=None,
+    )
+    batch_size: int = _help("Pairs per reference forward while building the cache.", default=8)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = _help("Optimizer steps; 0 means `epochs` passes over the data.", default=0)
     epochs: float = _help("Passes over the training data when `max_steps` is 0.", default=1.0)
@@ -271,6 +291,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -506,6 +527,7 @@ def validate(config: Config) -> None:
         raise ConfigError("method fpo needs a sparse autoencoder: set sae.path (and sae.site, sae.layer).")
     if m.name != "fpo" and config.sae.path is not None:
         raise ConfigError(f"'sae.path' has no effect with method '{m.name}' (it is used by: fpo).")
+    validate_reference(config)
     d = config.data
     if d.max_prompt_length >= d.max_length:
         raise ConfigError("'data.max_prompt_length' must be smaller than 'data.max_length'.")
@@ -513,6 +535,43 @@ def validate(config: Config) -> None:
         raise ConfigError("Give only one of 'data.path', 'data.dataset' and 'data.source'.")
     if config.pairs.samples_per_prompt < 2:
         raise ConfigError("'pairs.samples_per_prompt' must be at least 2.")
+
+
+CACHEABLE_METHODS = ("dpo", "cdpo", "ipo", "fpo")
+"""Methods whose reference side is per-token log-probs (and pooled SAE codes) only, so it can be cached."""
+
+
+def validate_reference(config: Config) -> None:
+    """``reference.*`` settings that would be ignored or could not work are refused."""
+    r, m = config.reference, config.method
+    if r.cache is None:
+        changed = [k for k in ("feature_top_k",) if getattr(r, k) != getattr(ReferenceConfig(), k)]
+        if changed:
+            raise ConfigError(f"'reference.{changed[0]}' has no effect without reference.cache.")
+        return
+    if m.name not in CACHEABLE_METHODS:
+        why = (
+            "it uses no reference model"
+            if m.name in ("simpo", "sft")
+            else "it needs the reference's full distribution (token KL), hidden states or activations at "
+            "every step, which a cache of log-probs cannot hold"
+        )
+        raise ConfigError(
+            f"'reference.cache' cannot serve method '{m.name}': {why}. "
+            f"Methods that train from a cache: {', '.join(CACHEABLE_METHODS)}."
+        )
+    if r.feature_top_k is not None:
+        if m.name != "fpo":
+            raise ConfigError(f"'reference.feature_top_k' has no effect with method '{m.name}' (fpo only).")
+        if m.index_set != "reference" or m.k > r.feature_top_k:
+            raise ConfigError(
+                f"'reference.feature_top_k={r.feature_top_k}' keeps only the reference's top "
+                f"{r.feature_top_k} codes, which is exact only for method.index_set=reference with "
+                f"method.k <= {r.feature_top_k} (got index_set={m.index_set}, k={m.k}). Use "
+                "reference.feature_top_k=null to keep every non-zero code."
+            )
+    if r.batch_size < 1:
+        raise ConfigError("'reference.batch_size' must be at least 1.")
 
 
 def dump_config(config: Config, path: Path) -> None:

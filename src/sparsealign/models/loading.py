@@ -47,6 +47,7 @@ __all__ = [
     "disable_dropout",
     "load_bundle",
     "load_model",
+    "load_reference",
     "load_tokenizer",
     "resolve_dtype",
     "save_final",
@@ -300,13 +301,16 @@ class ModelBundle:
     """The policy being trained, its tokenizer, and how to run the reference model.
 
     ``reference`` is a frozen eval-mode copy for full fine-tuning, or None with LoRA (the reference is then
-    the policy with its adapter disabled) or when no reference was asked for.
+    the policy with its adapter disabled) or when no reference was asked for (training from a reference
+    cache). ``untrained`` stays True until the trainer's first step: until then the policy *is* the
+    reference, so without a copy the reference is the policy itself (e.g. to sample on-policy pairs).
     """
 
     policy: nn.Module
     tokenizer: PreTrainedTokenizerBase
     reference: nn.Module | None = None
     is_lora: bool = False
+    untrained: bool = True
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
@@ -318,14 +322,17 @@ class ModelBundle:
         if self.reference is not None:
             yield self.reference
             return
-        if not self.is_lora:
+        if not self.is_lora and not self.untrained:
             raise ModelError(
                 "This bundle has no reference model; load it with load_bundle(..., need_reference=True)."
             )
         modes = [(module, module.training) for module in self.policy.modules()]
         self.policy.eval()
         try:
-            with self.policy.disable_adapter():
+            if self.is_lora:
+                with self.policy.disable_adapter():
+                    yield self.policy
+            else:
                 yield self.policy
         finally:
             for module, training in modes:
@@ -355,6 +362,24 @@ def load_bundle(
         return ModelBundle(apply_lora(model, cfg.lora, seed), tokenizer, reference=None, is_lora=True)
     reference = frozen_copy(model) if need_reference else None
     return ModelBundle(model, tokenizer, reference=reference, is_lora=False)
+
+
+def load_reference(
+    cfg: ModelConfig, seed: int, device: str | torch.device | None, digest: str | None = None
+) -> nn.Module:
+    """A frozen reference loaded on its own, for a run that trained without one (from a reference cache)
+    and needs it afterwards (the final report's KL). With ``digest`` (the weights digest the cache was
+    checked against) a reference that loads different weights is refused."""
+    model, _ = load_model(cfg, seed, device)
+    if digest is not None:
+        from sparsealign.refcache.identity import weights_digest
+
+        if weights_digest(model) != digest:
+            raise ModelError(
+                f"Reloading '{cfg.name}' for the report gave different weights than the run started from; "
+                "the model changed on disk during the run."
+            )
+    return frozen_copy(model)
 
 
 # --------------------------------------------------------------------------------------------------

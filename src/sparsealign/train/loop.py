@@ -33,8 +33,9 @@ from sparsealign.data.prepare import PreparedData, prepare_data
 from sparsealign.errors import UserError
 from sparsealign.losses import LossOutput
 from sparsealign.methods import Method, StepOutputs, get_method, save_method_module
-from sparsealign.models.loading import ModelBundle, load_bundle, save_final
+from sparsealign.models.loading import ModelBundle, load_bundle, load_reference, save_final
 from sparsealign.models.logprobs import TokenModel, TokenOutputs, output_head, unwrap_causal_lm
+from sparsealign.refcache import ReferenceCache, prepare_reference_cache, weights_digest
 from sparsealign.train.batches import BatchPlan, shard
 from sparsealign.train.checkpoint import (
     TrainState,
@@ -94,13 +95,22 @@ def reference_outputs(
 
 
 def step_outputs(
-    policy: torch.nn.Module, bundle: ModelBundle, method: Method, cfg: Config, batch: Batch
+    policy: torch.nn.Module,
+    bundle: ModelBundle,
+    method: Method,
+    cfg: Config,
+    batch: Batch,
+    pairs: Sequence[TokenizedPair] = (),
+    cache: ReferenceCache | None = None,
 ) -> StepOutputs:
     """Run the reference (only if the method needs it, with only the layers, activations and head it needs)
-    and the policy on one concatenated batch."""
+    and the policy on one concatenated batch. With a reference ``cache`` the reference side of ``pairs``
+    (the pairs ``batch`` was collated from) is read from it and no reference model runs."""
     token_model = getattr(policy, "module", policy)
     reference = reference_head = activation_mask = None
-    if method.needs_reference:
+    if method.needs_reference and cache is not None:
+        reference = cache.outputs(pairs, batch)
+    elif method.needs_reference:
         layers = token_model.extra.layers() if token_model.extra is not None else ()
         with torch.no_grad(), bundle.reference_model() as ref_model:
             reference, activation_mask = reference_outputs(
@@ -115,9 +125,15 @@ def step_outputs(
 
 
 def compute_loss(
-    policy: torch.nn.Module, bundle: ModelBundle, method: Method, cfg: Config, batch: Batch
+    policy: torch.nn.Module,
+    bundle: ModelBundle,
+    method: Method,
+    cfg: Config,
+    batch: Batch,
+    pairs: Sequence[TokenizedPair] = (),
+    cache: ReferenceCache | None = None,
 ) -> LossOutput:
-    return method.compute(step_outputs(policy, bundle, method, cfg, batch), cfg.method)
+    return method.compute(step_outputs(policy, bundle, method, cfg, batch, pairs, cache), cfg.method)
 
 
 class MetricsLog:
@@ -157,6 +173,7 @@ def evaluate_loss(
     cfg: Config,
     pairs: list[TokenizedPair],
     accelerator: Accelerator,
+    cache: ReferenceCache | None = None,
 ) -> dict[str, float]:
     """Held-out loss and metrics (``eval/loss``, ``eval/rewards/accuracies``, ...)."""
     if not pairs:
@@ -170,7 +187,7 @@ def evaluate_loss(
     with torch.no_grad():
         for items, counted in batches:
             batch = collate_pairs(items, pad, cfg.data.padding_side, not method.paired).to(accelerator.device)
-            out = compute_loss(policy, bundle, method, cfg, batch)
+            out = compute_loss(policy, bundle, method, cfg, batch, items, cache)
             records.append((len(items) if counted else 0, {"loss": out.loss, **out.metrics}))
     return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
 
@@ -251,7 +268,11 @@ def train(cfg: Config) -> RunResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "config.yaml")
 
-    bundle = load_bundle(cfg.model, cfg.train.seed, accelerator.device, need_reference=method.needs_reference)
+    cached = cfg.reference.cache is not None
+    bundle = load_bundle(
+        cfg.model, cfg.train.seed, accelerator.device, need_reference=method.needs_reference and not cached
+    )
+    digest = weights_digest(unwrap_causal_lm(bundle.policy)) if cached else None  # the untrained weights
     with accelerator.main_process_first():
         data: PreparedData = prepare_data(cfg, bundle, accelerator.is_main_process)
     plan = BatchPlan(
@@ -269,6 +290,11 @@ def train(cfg: Config) -> RunResult:
         extra = method.build_module(cfg.method, unwrap_causal_lm(bundle.policy).config, cfg.train.seed)
         extra.to(accelerator.device)
     features = build_feature_probe(cfg, bundle, accelerator.device) if method.needs_features else None
+    cache = None
+    if cached:
+        with accelerator.main_process_first():
+            cache = prepare_reference_cache(cfg, bundle, data, features, digest, accelerator.device)
+    bundle.untrained = False  # from here on the policy is no longer the reference
     policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra, features)
     optimizer = _build_optimizer(policy, cfg)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total)
@@ -330,7 +356,7 @@ def train(cfg: Config) -> RunResult:
                     accelerator.device
                 )
                 with accelerator.accumulate(policy):  # syncs gradients and steps only on the last micro-batch
-                    out = compute_loss(policy, bundle, method, cfg, batch)
+                    out = compute_loss(policy, bundle, method, cfg, batch, items, cache)
                     accelerator.backward(out.loss)  # divides by grad_accum
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
@@ -360,7 +386,7 @@ def train(cfg: Config) -> RunResult:
             if bar is not None:
                 bar.update(1)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total:
-                eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator)
+                eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator, cache)
                 if eval_metrics:
                     log.write(state.step, eval_metrics)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
@@ -381,7 +407,7 @@ def train(cfg: Config) -> RunResult:
 
     if state.step != last_saved:
         checkpoint()
-    eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator)
+    eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator, cache)
     if eval_metrics:
         log.write(state.step, eval_metrics)
     accelerator.wait_for_everyone()
@@ -393,6 +419,8 @@ def train(cfg: Config) -> RunResult:
     if cfg.eval.generate and data.eval_prompts and accelerator.is_main_process:
         from sparsealign.eval.report import evaluate_generations
 
+        if bundle.reference is None and not bundle.is_lora:  # trained from a cache: load it for the KL
+            bundle.reference = load_reference(cfg.model, cfg.train.seed, accelerator.device, digest)
         report = evaluate_generations(
             bundle, data.reward, data.eval_prompts, cfg.eval, cfg.train.seed, output_dir
         )

@@ -1,0 +1,24 @@
+"""The offline reference cache: the reference model's outputs computed once, so training never runs it.
+
+``sparsealign cache RECIPE`` (or the trainer, for a missing ``reference.cache``) runs the reference over the
+training and evaluation pairs and stores per response the per-token reference log-probs and, for FPO, the
+pooled reference SAE codes (sparse). The file header records everything the numbers depend on; a cache that
+does not match the run is refused with the mismatching fields named.
+"""
+
+from __future__ import annotations
+
+from sparsealign.refcache.build import build_cache, prepare_reference_cache
+from sparsealign.refcache.identity import CacheError, describe_mismatch, run_identity, weights_digest
+from sparsealign.refcache.store import ReferenceCache, pair_key
+
+__all__ = [
+    "CacheError",
+    "ReferenceCache",
+    "build_cache",
+    "describe_mismatch",
+    "pair_key",
+    "prepare_reference_cache",
+    "run_identity",
+    "weights_digest",
+]

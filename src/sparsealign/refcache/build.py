@@ -1,0 +1,174 @@
+"""Running the reference once over a run's pairs and writing the cache; opening (or building) it for a run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsealign.data.collate import collate_pairs
+from sparsealign.data.examples import TokenizedPair
+from sparsealign.models.logprobs import TokenModel
+from sparsealign.refcache.identity import CacheError, run_identity
+from sparsealign.refcache.store import SPLITS, ReferenceCache, pair_key, split_file, write_split
+
+logger = logging.getLogger("sparsealign.refcache")
+
+
+def sparse_code(code: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pooled SAE code ``[F]`` as (indices, values): every non-zero, or the ``top_k`` largest non-zeros."""
+    if top_k is not None and top_k < code.numel():
+        values, indices = code.topk(top_k)
+        keep = values != 0
+        return indices[keep].cpu(), values[keep].cpu()
+    indices = code.nonzero().squeeze(-1)
+    return indices.cpu(), code[indices].cpu()
+
+
+def _progress(total: int, label: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"reference cache ({label})", unit="pair", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def build_split(
+    path: Path,
+    header: dict[str, Any],
+    pairs: Sequence[TokenizedPair],
+    bundle: Any,
+    cfg: Any,
+    probe: torch.nn.Module | None,
+    device: torch.device,
+    progress: bool = True,
+) -> None:
+    """Run the reference over ``pairs`` (``reference.batch_size`` at a time, chosen and rejected in one
+    forward, through the same per-token path as training) and write ``path``."""
+    keys: list[int] = []
+    logps: list[torch.Tensor] = []
+    features: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe is not None else None
+    pad = bundle.tokenizer.pad_token_id
+    size = cfg.reference.batch_size
+    bar = _progress(len(pairs), header["split"], progress)
+    with bundle.reference_model() as reference:
+        tokens = TokenModel(reference, cfg.train.logprob_chunk, features=probe)
+        for start in range(0, len(pairs), size):
+            items = list(pairs[start : start + size])
+            batch = collate_pairs(items, pad, cfg.data.padding_side).to(device)
+            out = tokens(batch)
+            b = len(items)
+            for i, pair in enumerate(items):
+                keys.append(pair_key(pair))
+                for row in (i, b + i):  # chosen, then rejected
+                    logps.append(out.logps[row][batch.response_mask[row]].float().cpu())
+                    if features is not None:
+                        features.append(sparse_code(out.features[row], cfg.reference.feature_top_k))
+            if bar is not None:
+                bar.update(b)
+    if bar is not None:
+        bar.close()
+    write_split(path, {**header, "pairs": len(keys)}, keys, logps, features)
+
+
+def build_cache(
+    cfg: Any,
+    bundle: Any,
+    splits: dict[str, Sequence[TokenizedPair]],
+    probe: torch.nn.Module | None,
+    expected: dict[str, Any],
+    device: torch.device,
+    progress: bool = True,
+) -> Path:
+    """Write ``<reference.cache>/<split>.safetensors`` for each given split; returns the folder."""
+    from sparsealign import __version__
+
+    folder = Path(cfg.reference.cache)
+    for split, pairs in splits.items():
+        started = time.perf_counter()
+        header = {**expected, "split": split, "sparsealign_version": __version__, "created": time.time()}
+        build_split(split_file(folder, split), header, pairs, bundle, cfg, probe, device, progress)
+        size = split_file(folder, split).stat().st_size
+        logger.info(
+            "reference cache: %s, %d pairs, %.1f MB, %.1f s",
+            split_file(folder, split),
+            len(pairs),
+            size / 2**20,
+            time.perf_counter() - started,
+        )
+    return folder
+
+
+def prepare_reference_cache(
+    cfg: Any,
+    bundle: Any,
+    data: Any,
+    probe: torch.nn.Module | None,
+    digest: str,
+    device: torch.device,
+    build: bool = True,
+) -> ReferenceCache:
+    """Open ``reference.cache`` for this run; build missing split files first when ``build`` and
+    ``reference.build_missing`` allow (existing files are checked before anything is added to them)."""
+    expected = run_identity(cfg, bundle, probe, digest)
+    folder = Path(cfg.reference.cache)
+    present = [s for s in SPLITS if split_file(folder, s).is_file()]
+    missing = [s for s in SPLITS if s not in present]
+    if missing:
+        if present:
+            ReferenceCache(folder, expected, present)  # refuse to complete someone else's cache
+        if not (build and cfg.reference.build_missing):
+            raise CacheError(
+                f"The reference cache {folder} has no {', '.join(split_file(folder, s).name for s in missing)}. "
+                "Build it with `sparsealign cache RECIPE [overrides]`, or set reference.build_missing=true."
+            )
+        logger.info("reference cache: building %s in %s", ", ".join(missing), folder)
+        pairs = {"train": data.train, "eval": data.eval}
+        build_cache(cfg, bundle, {s: pairs[s] for s in missing}, probe, expected, device, cfg.train.progress)
+    cache = ReferenceCache(folder, expected)
+    logger.info("reference cache: %s (%d pairs); no reference model is run", folder, len(cache))
+    return cache
+
+
+def cache_run(cfg: Any, force: bool = False) -> tuple[Path, bool]:
+    """``sparsealign cache``: build the reference cache of a recipe's train and eval pairs.
+
+    The cache goes to ``reference.cache`` (default ``<output_dir>/reference-cache``). An up-to-date cache is
+    left as it is; one that does not match the recipe is refused unless ``force``. Returns the folder and
+    whether anything was built."""
+    from accelerate import PartialState
+
+    from sparsealign.config import CACHEABLE_METHODS
+    from sparsealign.data.prepare import prepare_data
+    from sparsealign.models.loading import load_bundle
+    from sparsealign.models.logprobs import unwrap_causal_lm
+    from sparsealign.refcache.identity import weights_digest
+    from sparsealign.train.loop import build_feature_probe
+
+    if cfg.method.name not in CACHEABLE_METHODS:
+        raise CacheError(
+            f"Method '{cfg.method.name}' does not train from a reference cache; "
+            f"methods that do: {', '.join(CACHEABLE_METHODS)}."
+        )
+    if cfg.reference.cache is None:
+        cfg.reference.cache = str(Path(cfg.output_dir) / "reference-cache")
+    device = PartialState().device
+    bundle = load_bundle(cfg.model, cfg.train.seed, device, need_reference=False)
+    digest = weights_digest(unwrap_causal_lm(bundle.policy))
+    data = prepare_data(cfg, bundle)
+    probe = build_feature_probe(cfg, bundle, device) if cfg.method.name == "fpo" else None
+    expected = run_identity(cfg, bundle, probe, digest)
+    folder = Path(cfg.reference.cache)
+    if not force and all(split_file(folder, s).is_file() for s in SPLITS):
+        cache = ReferenceCache(folder, expected)  # raises, naming the mismatch, if it is stale
+        keys = {pair_key(p) for p in [*data.train, *data.eval]}
+        if all(any(k in s.rows for s in cache.splits) for k in keys):
+            logger.info("reference cache: %s is up to date (%d pairs)", folder, len(cache))
+            return folder, False
+    build_cache(cfg, bundle, {"train": data.train, "eval": data.eval}, probe, expected, device)
+    return folder, True

@@ -1,0 +1,149 @@
+"""What a reference cache depends on, as a JSON-able header, and how two headers are compared.
+
+A cache is valid for a run when the reference model would compute the same numbers on the same token ids:
+same weights (a digest of every tensor, LoRA adapters excluded since the reference runs with the adapter
+off), same dtype, same tokenizer (vocabulary digest, special tokens) and chat template, same length limits
+and truncation, and, for FPO, the same SAE (weights digest, site, layer). Pair contents are checked per
+pair by key (:func:`sparsealign.refcache.store.pair_key`), so a cache may hold more pairs than a run uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsealign.errors import UserError
+
+FORMAT = "sparsealign-reference-cache"
+VERSION = 1
+
+INFORMATIONAL = ("pairs", "split", "created", "sparsealign_version", "features.d_sae")
+"""Header fields that describe a file but do not decide whether it matches a run."""
+
+
+class CacheError(UserError, RuntimeError):
+    """A reference cache that is missing, unreadable or does not match the run."""
+
+
+def _digest(chunks: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def _base_name(name: str) -> str:
+    """The parameter name without PEFT's wrapping, so a LoRA run and a full run of one base agree."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of every parameter and buffer (name, dtype, shape, bytes), LoRA adapter weights excluded."""
+    named = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        named[_base_name(name)] = tensor
+
+    def chunks():
+        for name in sorted(named):
+            tensor = named[name]
+            yield f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
+            yield _tensor_bytes(tensor)
+
+    return _digest(chunks())
+
+
+def tokenizer_identity(tokenizer: Any, chat_template: str | None) -> dict[str, Any]:
+    vocab = sorted(tokenizer.get_vocab().items())
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    return {
+        "class": type(tokenizer).__name__,
+        "size": len(tokenizer),
+        "vocab": _digest([json.dumps(vocab, ensure_ascii=False).encode()]),
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "chat_template": None if template is None else _digest([str(template).encode()]),
+    }
+
+
+def sae_identity(probe: Any) -> dict[str, Any] | None:
+    """The SAE of a :class:`~sparsealign.sae.probe.FeatureProbe` (None without one)."""
+    if probe is None:
+        return None
+    sae = probe.sae
+    return {
+        "source": sae.metadata.source,
+        "weights": weights_digest(sae),
+        "site": probe.site,
+        "layer": probe.layer,
+        "activation": sae.activation,
+        "k": sae.k,
+    }
+
+
+def run_identity(cfg: Any, bundle: Any, probe: Any = None, digest: str | None = None) -> dict[str, Any]:
+    """The header fields a run needs its cache to have. ``digest``: the reference weights' digest, when
+    already computed (it must be taken from the untrained policy)."""
+    from sparsealign.models.logprobs import unwrap_causal_lm
+
+    lm = unwrap_causal_lm(bundle.policy)
+    d = cfg.data
+    features = None
+    if probe is not None:
+        top_k = cfg.reference.feature_top_k
+        features = {"stored": "all_nonzero" if top_k is None else f"top_{top_k}", "d_sae": probe.sae.d_sae}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {
+            "name": cfg.model.name,
+            "revision": cfg.model.revision,
+            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+            "weights": digest if digest is not None else weights_digest(lm),
+        },
+        "tokenizer": tokenizer_identity(bundle.tokenizer, d.chat_template),
+        "data": {
+            "max_length": d.max_length,
+            "max_prompt_length": d.max_prompt_length,
+            "truncation": d.truncation,
+        },
+        "sae": sae_identity(probe),
+        "features": features,
+    }
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def describe_mismatch(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """``field: cache X, run Y`` for every deciding field that differs (empty when the cache matches).
+
+    A run without an SAE accepts a cache that also holds SAE codes (an FPO cache serves DPO too)."""
+    a, b = _flatten(found), _flatten(expected)
+    skip = {"sae", "features"} if expected.get("sae") is None else set()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        top = key.split(".")[0]
+        if key in INFORMATIONAL or top in INFORMATIONAL or top in skip:
+            continue
+        if a.get(key) != b.get(key):
+            lines.append(f"{key}: cache {a.get(key)!r}, run {b.get(key)!r}")
+    return lines

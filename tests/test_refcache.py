@@ -1,0 +1,219 @@
+"""The offline reference cache: same losses as a live reference, no reference model, stale caches refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsealign.cli import main
+from sparsealign.config import ConfigError, load_config
+from sparsealign.data.examples import TokenizedPair
+from sparsealign.models import loading
+from sparsealign.refcache import CacheError, describe_mismatch, pair_key, weights_digest
+from sparsealign.refcache.build import cache_run, sparse_code
+from sparsealign.refcache.store import read_header, split_file, write_split
+from sparsealign.train import loop
+from sparsealign.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs/smoke.yaml"
+
+
+def smoke(out: Path, *overrides: str):
+    base = [
+        f"output_dir={out}",
+        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        "train.progress=false",
+        "train.max_steps=3",
+        "train.save_every=0",
+        "train.eval_every=0",
+    ]
+    return load_config(SMOKE, base + list(overrides))
+
+
+def losses(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _random_sae(folder: Path) -> Path:
+    from sparsealign.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(64, 96, "relu")
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    sae.save(folder)
+    return folder
+
+
+FPO = ("method.name=fpo", "sae.layer=1", "method.k=8")
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "fpo"])
+def test_training_from_the_cache_matches_the_live_reference(tmp_path, monkeypatch, method):
+    extra = [f"method.name={method}"]
+    if method == "fpo":
+        extra = [*FPO, f"sae.path={_random_sae(tmp_path / 'sae')}"]
+    train(smoke(tmp_path / "live", *extra))
+    cache = tmp_path / "cache"
+    folder, built = cache_run(smoke(tmp_path / "c", *extra, f"reference.cache={cache}"))
+    assert built and folder == cache and split_file(cache, "train").is_file()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference model was constructed or run")
+
+    monkeypatch.setattr(loading, "frozen_copy", refuse)
+    monkeypatch.setattr(loop, "reference_outputs", refuse)
+    monkeypatch.setattr(loading.ModelBundle, "reference_model", refuse)
+    train(smoke(tmp_path / "cached", *extra, f"reference.cache={cache}", "reference.build_missing=false"))
+
+    live, cached = losses(tmp_path / "live"), losses(tmp_path / "cached")
+    assert len(live) == len(cached) == 4  # 3 steps + the final evaluation
+    for a, b in zip(live, cached, strict=True):
+        for key, value in a.items():
+            if key not in ("tokens_per_s", "grad_norm", "lr"):
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        if "grad_norm" in a:
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    assert live[0]["loss"] == pytest.approx(0.6931, abs=1e-3) or method == "ipo"
+
+
+def test_missing_cache_is_built_before_training_then_reused(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    train(smoke(tmp_path / "a", f"reference.cache={cache}"))  # builds it (the policy is still the reference)
+    assert read_header(split_file(cache, "train"))["pairs"] > 0
+    stamp = split_file(cache, "train").stat().st_mtime_ns
+    monkeypatch.setattr(loading, "frozen_copy", lambda *a: pytest.fail("reference copied"))
+    monkeypatch.setattr(loop, "reference_outputs", lambda *a, **k: pytest.fail("reference run"))
+    train(smoke(tmp_path / "b", f"reference.cache={cache}"))
+    assert split_file(cache, "train").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert losses(tmp_path / "a")[-1]["eval/loss"] == pytest.approx(losses(tmp_path / "b")[-1]["eval/loss"])
+
+
+def test_a_cache_that_does_not_match_is_refused_naming_the_field(tmp_path):
+    cache = tmp_path / "cache"
+    cache_run(smoke(tmp_path / "c", f"reference.cache={cache}"))
+    with pytest.raises(CacheError, match=r"data\.max_length: cache 128, run 100"):
+        train(smoke(tmp_path / "r1", f"reference.cache={cache}", "data.max_length=100"))
+    with pytest.raises(
+        CacheError, match=r"model\.weights"
+    ):  # other weights: the tiny model from another seed
+        train(smoke(tmp_path / "r2", f"reference.cache={cache}", "train.seed=7"))
+    with pytest.raises(CacheError, match=r"no entry for a pair"):  # other data
+        other = tmp_path / "other.jsonl"
+        other.write_text(json.dumps({"prompt": "Hi", "chosen": " good day", "rejected": " bad day"}) + "\n")
+        train(smoke(tmp_path / "r3", f"reference.cache={cache}", f"data.path={other}", "train.batch_size=1"))
+    with pytest.raises(CacheError, match=r"sae"):  # a DPO cache has no SAE codes for FPO
+        sae = _random_sae(tmp_path / "sae")
+        train(smoke(tmp_path / "r4", *FPO, f"sae.path={sae}", f"reference.cache={cache}"))
+    with pytest.raises(CacheError, match="up to date|does not match"):
+        cache_run(smoke(tmp_path / "c", f"reference.cache={cache}", "data.max_length=100"))
+
+
+def test_missing_cache_without_build_says_how_to_build_it(tmp_path):
+    with pytest.raises(CacheError, match="sparsealign cache"):
+        train(smoke(tmp_path / "r", f"reference.cache={tmp_path / 'none'}", "reference.build_missing=false"))
+    (tmp_path / "bad").mkdir()
+    for split in ("train", "eval"):
+        split_file(tmp_path / "bad", split).write_bytes(b"not a safetensors file")
+    with pytest.raises(CacheError, match="not a readable reference cache"):
+        train(smoke(tmp_path / "r", f"reference.cache={tmp_path / 'bad'}"))
+
+
+def test_an_fpo_cache_also_serves_dpo(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    sae = _random_sae(tmp_path / "sae")
+    cache_run(smoke(tmp_path / "c", *FPO, f"sae.path={sae}", f"reference.cache={cache}"))
+    train(smoke(tmp_path / "live"))
+    monkeypatch.setattr(loading, "frozen_copy", lambda *a: pytest.fail("reference copied"))
+    monkeypatch.setattr(loop, "reference_outputs", lambda *a, **k: pytest.fail("reference run"))
+    train(smoke(tmp_path / "cached", f"reference.cache={cache}", "reference.build_missing=false"))
+    live, cached = losses(tmp_path / "live"), losses(tmp_path / "cached")
+    assert [m.get("loss", m.get("eval/loss")) for m in live] == pytest.approx(
+        [m.get("loss", m.get("eval/loss")) for m in cached], rel=1e-4
+    )
+
+
+def test_fpo_top_k_cache_equals_the_full_cache_for_the_reference_index_set(tmp_path):
+    sae = _random_sae(tmp_path / "sae")
+    args = (*FPO, f"sae.path={sae}", "method.index_set=reference")
+    train(smoke(tmp_path / "full", *args, f"reference.cache={tmp_path / 'c1'}"))
+    train(smoke(tmp_path / "topk", *args, f"reference.cache={tmp_path / 'c2'}", "reference.feature_top_k=8"))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "topk")
+    assert [m.get("loss", m.get("eval/loss")) for m in a] == pytest.approx(
+        [m.get("loss", m.get("eval/loss")) for m in b], rel=1e-6
+    )
+    full = split_file(tmp_path / "c1", "train").stat().st_size
+    assert split_file(tmp_path / "c2", "train").stat().st_size < full
+
+
+def test_reference_settings_that_cannot_act_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="full distribution"):
+        smoke(tmp_path, "method.name=tdpo1", "reference.cache=x")
+    with pytest.raises(ConfigError, match="uses no reference model"):
+        smoke(tmp_path, "method.name=simpo", "reference.cache=x")
+    with pytest.raises(ConfigError, match="no effect without reference.cache"):
+        smoke(tmp_path, "reference.feature_top_k=8")
+    with pytest.raises(ConfigError, match="index_set=reference"):
+        smoke(tmp_path, *FPO, "sae.path=x", "reference.cache=x", "reference.feature_top_k=8", "method.k=9")
+
+
+def test_sparse_code_and_file_round_trip(tmp_path):
+    code = torch.tensor([0.0, 3.0, 0.0, 1.0, 2.0, 0.0])
+    idx, val = sparse_code(code, None)
+    assert idx.tolist() == [1, 3, 4] and val.tolist() == [3.0, 1.0, 2.0]
+    idx, val = sparse_code(code, 2)
+    assert sorted(idx.tolist()) == [1, 4]
+    idx, val = sparse_code(torch.tensor([0.0, 5.0, 0.0]), 2)  # a zero is never stored
+    assert idx.tolist() == [1]
+
+    path = tmp_path / "train.safetensors"
+    pair = TokenizedPair([1, 2], [3, 4, 5], [6])
+    logps = [torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-0.5])]
+    write_split(path, {"format": "x", "split": "train"}, [pair_key(pair)], logps)
+    assert read_header(path)["split"] == "train"
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    assert tensors["logp_offsets"].tolist() == [0, 3, 4]
+    assert tensors["logps"].tolist() == [-1.0, -2.0, -3.0, -0.5]
+    assert pair_key(pair) != pair_key(TokenizedPair([1, 2], [6], [3, 4, 5]))  # order matters
+
+
+def test_mismatch_description_and_lora_digest():
+    found = {"model": {"weights": "a", "dtype": "float32"}, "pairs": 3, "sae": {"layer": 1}}
+    run = {"model": {"weights": "b", "dtype": "float32"}, "pairs": 9, "sae": None}
+    assert describe_mismatch(found, run) == ["model.weights: cache 'a', run 'b'"]  # pairs is informational
+
+    from sparsealign.config import LoraConfig, ModelConfig
+
+    plain, _ = loading.load_model(ModelConfig(name="tiny-random-llama"), seed=3)
+    digest = weights_digest(plain)
+    lora = loading.load_bundle(ModelConfig(name="tiny-random-llama", lora=LoraConfig(r=4)), seed=3)
+    from sparsealign.models.logprobs import unwrap_causal_lm
+
+    assert weights_digest(unwrap_causal_lm(lora.policy)) == digest  # the reference of a LoRA run
+    with torch.no_grad():
+        next(plain.parameters()).add_(1e-3)
+    assert weights_digest(plain) != digest
+
+
+def test_cache_command(tmp_path, capsys):
+    args = [
+        "cache",
+        str(SMOKE),
+        f"output_dir={tmp_path / 'run'}",
+        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        "train.progress=false",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"reference.cache={tmp_path / 'run' / 'reference-cache'}" in out and out.startswith("Wrote")
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("Up to date")
+    assert main([*args, "method.name=sparsepo"]) == 2
+    assert "does not train from a reference cache" in capsys.readouterr().err
