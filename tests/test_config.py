@@ -134,3 +134,17 @@ def test_recipes_inherit_with_base(tmp_path):
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"base": "loop.yaml"}))
     with pytest.raises(ConfigError, match="inherits itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize(("size", "layer", "l0", "per_process"), [("2b", 25, 55, 8), ("9b", 41, 52, 8)])
+def test_fpo_ultrafeedback_recipes_carry_the_paper_settings(size, layer, l0, per_process):
+    cfg = load_config(ROOT / f"configs/ultrafeedback/fpo-gemma-2-{size}.yaml")
+    assert cfg.method.name == "fpo" and cfg.method.stop_grad_chosen
+    assert (cfg.method.beta, cfg.method.alpha, cfg.method.k) == (0.1, 0.5, 50)
+    assert cfg.sae.path == f"google/gemma-scope-{size}-pt-res/layer_{layer}/width_16k/average_l0_{l0}"
+    assert (cfg.sae.site, cfg.sae.layer) == ("resid_post", layer)
+    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.schedule) == (5e-7, 150, "constant")
+    assert cfg.train.batch_size * cfg.train.grad_accum * 4 == 32 and cfg.train.epochs == 1
+    assert cfg.train.batch_size * cfg.train.grad_accum == per_process
+    assert cfg.data.dataset == "HuggingFaceH4/ultrafeedback_binarized" and cfg.data.split == "train_prefs"
+    assert cfg.reference.cache is not None

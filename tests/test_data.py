@@ -15,6 +15,7 @@ from sparsealign.data.examples import PreferenceExample
 from sparsealign.data.files import read_dataset, read_file
 from sparsealign.data.formats import (
     DataError,
+    Skip,
     SkipReport,
     extract_prompt,
     load_examples,
@@ -173,6 +174,28 @@ def test_implicit_prompt_conversations_use_common_messages() -> None:
     assert example.prompt == [user]
     assert example.chosen == [{"role": "assistant", "content": "hello!"}]
     assert example.rejected == [{"role": "assistant", "content": "go away"}]
+
+
+def test_ultrafeedback_full_conversations_with_a_text_prompt() -> None:
+    """UltraFeedback binarized rows: prompt as text, chosen/rejected as whole conversations."""
+    user = {"role": "user", "content": "Name a colour."}
+    row = {
+        "prompt": "Name a colour.",
+        "chosen": [user, {"role": "assistant", "content": "Blue."}],
+        "rejected": [user, {"role": "assistant", "content": "No."}],
+        "score_chosen": 8.0,
+    }
+    example = parse_row(row)
+    assert example.prompt == [user]
+    assert example.chosen == [{"role": "assistant", "content": "Blue."}]
+    assert example.rejected == [{"role": "assistant", "content": "No."}]
+    assert example.meta == {"score_chosen": 8.0}
+    unrelated = {
+        **row,
+        "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "x"}],
+    }
+    skip = parse_row(unrelated)
+    assert isinstance(skip, Skip) and "do not start with the same" in skip.detail
 
 
 def test_conversational_prompt_with_system_message() -> None:

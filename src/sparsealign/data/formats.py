@@ -5,6 +5,9 @@ Supported row formats (the preference formats of TRL), after the ``data.columns`
 * **standard**: ``prompt``, ``chosen``, ``rejected`` are strings; the responses continue the prompt text.
 * **conversational**: ``prompt`` is a list of ``{"role", "content"}`` messages (the conversation before
   the responses) and ``chosen`` / ``rejected`` are lists of (assistant) messages.
+* **full conversations** (UltraFeedback binarized): ``chosen`` / ``rejected`` are whole conversations that
+  begin with the prompt messages, and ``prompt`` repeats the user turn as a string; the shared leading
+  messages are the prompt (as for an implicit prompt) and the string is not used.
 * **implicit prompt**: only ``chosen`` and ``rejected``. For strings the prompt is their exact longest
   common prefix of characters (no cut at a word boundary); for conversations it is their common leading
   messages. The responses are what follows.
@@ -210,6 +213,16 @@ def _typed_fields(data: dict[str, Any]) -> tuple[Any, Any, Any] | Skip:
         return prompt, chosen, rejected
     if not isinstance(chosen, list | tuple):
         return Skip("not_a_string", f"'chosen' is {_kind(chosen)}, expected a string or a list of messages")
+    if isinstance(prompt, str):
+        # Full conversations with the prompt also given as text (UltraFeedback binarized): the responses'
+        # shared leading messages are the prompt; the text column is redundant.
+        prompt = None
+        if not (isinstance(rejected, list | tuple) and rejected and chosen and rejected[0] == chosen[0]):
+            return Skip(
+                "not_a_string",
+                "'prompt' is a string and 'chosen' a list of messages, but 'chosen' and 'rejected' do not "
+                "start with the same (prompt) messages",
+            )
     checked = []
     for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if value is None:
