@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from train_step import _status_mb
 
 from sparsealign.config import load_config
 from sparsealign.data.collate import collate_pairs
@@ -129,14 +130,6 @@ def build_caches(args, root: Path, device: torch.device) -> None:
         digest = weights_digest(unwrap_causal_lm(bundle.policy))
         expected = run_identity(cfg, bundle, probe, digest)
         build_cache(cfg, bundle, {"train": items, "eval": []}, probe, expected, device, progress=False)
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory(args, name: str, cache: Path, device: torch.device) -> dict:
