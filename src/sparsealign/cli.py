@@ -22,6 +22,7 @@ COMMANDS = {
     "config": "Print the fully resolved configuration of a recipe, or list every key with --keys.",
     "cache": "Run the reference once over a recipe's data and store its outputs (training then runs none).",
     "masks": "Write an HTML page colouring response tokens by their SparsePO/MaPO reward and KL masks.",
+    "sae": "Sparse autoencoders: `sae train` trains a TopK SAE on a model's activations (or a built-in).",
 }
 
 
@@ -109,6 +110,59 @@ def _cmd_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+_SAE_TRAIN_OPTIONS = {
+    "model": "model",
+    "site": "site",
+    "layer": "layer",
+    "width": "width",
+    "k": "k",
+    "source": "source",
+    "context": "context_length",
+    "prefix": "prefix",
+    "tokens": "tokens",
+    "batch_tokens": "batch_tokens",
+    "lr": "lr",
+    "k_aux": "k_aux",
+    "dead_window": "dead_window",
+    "heldout_tokens": "heldout_tokens",
+    "seed": "seed",
+    "device": "device",
+    "dtype": "dtype",
+}
+"""``sparsealign sae train`` option (argparse dest) → ``SAETrainConfig`` field."""
+
+
+def _cmd_sae_train(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsealign.sae.formats import SAEError
+
+    given = {field: getattr(args, dest) for dest, field in _SAE_TRAIN_OPTIONS.items()}
+    given = {field: value for field, value in given.items() if value is not None}
+    if args.builtin:
+        if given or args.out:
+            raise SAEError("sae train --builtin takes no other training options and no --out")
+        from sparsealign.sae.builtins import ensure_builtin_sae
+        from sparsealign.sae.train import METRICS_FILE
+
+        folder = ensure_builtin_sae(args.builtin, refresh=True)
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+    else:
+        if not args.out:
+            raise SAEError("sae train needs --out DIR (or --builtin NAME)")
+        from sparsealign.sae.train import SAETrainConfig, train_sae
+
+        result = train_sae(SAETrainConfig(**given), args.out)
+        folder, metrics = result.folder, result.metrics
+    print(
+        f"held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.2f}, dead fraction {metrics['dead_fraction']:.4f} "
+        f"(dead by the training window {metrics['dead_fraction_train']:.4f}); {metrics['tokens']} tokens in "
+        f"{metrics['seconds']:.0f} s"
+    )
+    print(f"Wrote the SAE to {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsealign",
@@ -134,6 +188,42 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("run", help="A run folder of a sparsepo or mapo run.")
     masks.add_argument("--n", type=int, default=8, help="Number of held-out pairs to show.")
     masks.set_defaults(func=_cmd_masks)
+    sae = sub.add_parser("sae", help=COMMANDS["sae"], description=COMMANDS["sae"])
+    sae_sub = sae.add_subparsers(dest="sae_command", metavar="SUBCOMMAND", title="subcommands", required=True)
+    sae_train = sae_sub.add_parser(
+        "train",
+        help="Train a TopK SAE (Gao et al. 2024) on activations streamed from a model.",
+        description="Train a TopK SAE (Gao et al. 2024) on activations streamed from a model; unset "
+        "options take the defaults of sparsealign.sae.train.SAETrainConfig (see docs/sae.md).",
+        epilog="Examples: sparsealign sae train --model smollm2-135m-instruct --site resid_post --layer 20 "
+        "--width 4608 --k 32 --source imdb --tokens 2000000 --out DIR;  "
+        "sparsealign sae train --builtin smollm2-135m-instruct-imdb",
+    )
+    sae_train.add_argument("--builtin", metavar="NAME", help="(Re)build a built-in SAE into the cache.")
+    sae_train.add_argument("--out", metavar="DIR", help="Folder to write the SAE and metrics.json to.")
+    sae_train.add_argument("--model", help="Built-in model, local folder or hub id.")
+    sae_train.add_argument("--site", help="Hook site: resid_post or mlp_out.")
+    sae_train.add_argument("--layer", type=int, help="0-based decoder layer.")
+    sae_train.add_argument("--width", type=int, help="Number of latents (d_sae).")
+    sae_train.add_argument("--k", type=int, help="Active latents per token.")
+    sae_train.add_argument("--source", help="imdb, or a .jsonl file with a text field / a text file.")
+    sae_train.add_argument("--context", type=int, help="Tokens per document.")
+    sae_train.add_argument(
+        "--prefix",
+        help="Token in front of each document: bos (default), none, or a token like <|endoftext|>.",
+    )
+    sae_train.add_argument("--tokens", type=int, help="Training tokens.")
+    sae_train.add_argument("--batch-tokens", type=int, help="SAE batch size in tokens.")
+    sae_train.add_argument("--lr", type=float, help="Adam lr (default 2e-4 / sqrt(width / 16384)).")
+    sae_train.add_argument("--k-aux", type=int, help="AuxK latents (default d_in / 2).")
+    sae_train.add_argument(
+        "--dead-window", type=int, help="Tokens without firing after which a latent is dead."
+    )
+    sae_train.add_argument("--heldout-tokens", type=int, help="Held-out tokens for the evaluation.")
+    sae_train.add_argument("--seed", type=int, help="Document order, initialisation and shuffling.")
+    sae_train.add_argument("--device", help="cpu, cuda or auto.")
+    sae_train.add_argument("--dtype", help="Model dtype: auto, float32, bfloat16, float16.")
+    sae_train.set_defaults(func=_cmd_sae_train)
     return parser
 
 

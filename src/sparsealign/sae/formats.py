@@ -562,7 +562,13 @@ def load_sae(
     hub id (downloaded unless offline). ``d_in``: the expected input width (the model's hidden size); a
     different SAE width raises :class:`SAEError`. ``dtype``: the parameters' dtype (default: as stored);
     ``device``: where to put them (default CPU). Returns an unfrozen SAE; call ``.freeze()`` for training.
+    A built-in name (:data:`sparsealign.sae.builtins.BUILTIN_SAES`) is looked up first: its cached
+    folder, trained on first use.
     """
+    from sparsealign.sae.builtins import BUILTIN_SAES, ensure_builtin_sae
+
+    if isinstance(path, str) and path in BUILTIN_SAES:
+        path = ensure_builtin_sae(path)
     target = Path(path).expanduser()
     if not target.exists():
         text = str(path)
