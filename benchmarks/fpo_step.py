@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--sae-width", type=int, default=4608)
     parser.add_argument("--sae-k", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-timing", action="store_true", help="Measure peak memory only.")
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,19 +201,21 @@ def main() -> None:
         build_caches(args, root / "cache", device)
         result = {"model": args.model, "lora": args.lora, "pairs": args.pairs, "length": args.length}
         result["device"] = str(device)
-        result.update(timing(args, root / "cache", device))
-        med = result["median_step_s"]
+        if not args.no_timing:
+            result.update(timing(args, root / "cache", device))
         peaks = {}
         for name in VARIANTS:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--sae", args.sae, "--cache", str(root / "cache")]
+            argv = [a for a in sys.argv[1:] if a != "--no-timing"]
+            cmd = [sys.executable, __file__, *argv, "--sae", args.sae, "--cache", str(root / "cache")]
             out = subprocess.run([*cmd, "--memory-only", name], capture_output=True, text=True, check=True)
             peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
         result["peak_mb"] = peaks
-        result["targets"] = {
-            "fpo_cache_memory_over_tdpo2_live (<= 0.85)": peaks["fpo_cache"] / peaks["tdpo2_live"],
-            "fpo_cache_time_over_dpo_live (<= 1.0)": med["fpo_cache"] / med["dpo_live"],
-            "dpo_live_time_over_dpo_cache (>= 1.2)": med["dpo_live"] / med["dpo_cache"],
-        }
+        targets = {"fpo_cache_memory_over_tdpo2_live (<= 0.85)": peaks["fpo_cache"] / peaks["tdpo2_live"]}
+        if not args.no_timing:
+            med = result["median_step_s"]
+            targets["fpo_cache_time_over_dpo_live (<= 1.0)"] = med["fpo_cache"] / med["dpo_live"]
+            targets["dpo_live_time_over_dpo_cache (>= 1.2)"] = med["dpo_live"] / med["dpo_cache"]
+        result["targets"] = targets
     print(json.dumps(result, indent=1))
 
 
