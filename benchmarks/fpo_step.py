@@ -11,6 +11,7 @@ weights, optimizer state and activations. On CUDA the peak of ``torch.cuda.max_m
 
     python benchmarks/fpo_step.py --model tiny-random-llama --layer 1 --sae-width 256 --sae-k 16
     python benchmarks/fpo_step.py --model smollm2-135m-instruct --pairs 4 --length 128 --repeats 3
+    python benchmarks/fpo_step.py --model smollm2-135m-instruct --pairs 4 --length 128 --checkpointing --no-timing
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sparsealign.config import load_config
 from sparsealign.data.collate import collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.methods import get_method
-from sparsealign.models.loading import load_bundle
+from sparsealign.models.loading import enable_gradient_checkpointing, load_bundle
 from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
 from sparsealign.refcache import ReferenceCache, run_identity, weights_digest
 from sparsealign.refcache.build import build_cache
@@ -78,6 +79,8 @@ def config(args, name: str, cache: Path | None):
     overrides = [f"model.name={args.model}", f"method.name={method}", "train.progress=false"]
     if args.lora:
         overrides.append("model.lora.r=16")
+    if args.checkpointing:
+        overrides.append("train.gradient_checkpointing=true")
     if method == "fpo":
         overrides += [f"sae.path={args.sae}", f"sae.layer={args.layer}", "method.alpha=0.5"]
     if method == "tdpo2":
@@ -94,6 +97,8 @@ def setup(args, name: str, cache: Path, device: torch.device, bundle=None):
     cached = cfg.reference.cache is not None
     if bundle is None:
         bundle = load_bundle(cfg.model, 0, device, need_reference=method.needs_reference and not cached)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(bundle.policy)
     probe = build_feature_probe(cfg, bundle, device) if method.needs_features else None
     ref_cache = None
     if cached:
@@ -177,6 +182,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="Activation checkpointing (as the FPO paper's runs)."
+    )
     parser.add_argument("--sae", help="An SAE for FPO (default: a random TopK SAE of --sae-width, --sae-k).")
     parser.add_argument("--layer", type=int, default=20, help="The SAE's block (resid_post).")
     parser.add_argument("--sae-width", type=int, default=4608)
@@ -200,6 +208,7 @@ def main() -> None:
             args.sae = str(random_sae(root / "sae", d_in, args.sae_width, args.sae_k, args.layer))
         build_caches(args, root / "cache", device)
         result = {"model": args.model, "lora": args.lora, "pairs": args.pairs, "length": args.length}
+        result["gradient_checkpointing"] = args.checkpointing
         result["device"] = str(device)
         if not args.no_timing:
             result.update(timing(args, root / "cache", device))

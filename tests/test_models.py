@@ -358,3 +358,25 @@ def test_smollm2_builtin() -> None:
     batch = tokenizer(["The capital of France is"], return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1] :])
+
+
+def test_gradient_checkpointing_recomputes_blocks_in_the_backward_pass():
+    from sparsealign.data.collate import collate_pairs
+    from sparsealign.data.examples import TokenizedPair
+    from sparsealign.models.loading import enable_gradient_checkpointing
+    from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
+
+    counts = {}
+    for checkpointing in (False, True):
+        bundle = load_bundle(ModelConfig(name="tiny-random-llama"), seed=0, need_reference=False)
+        if checkpointing:
+            enable_gradient_checkpointing(bundle.policy)
+        mlp = unwrap_causal_lm(bundle.policy).model.layers[0].mlp
+        calls = []
+        original = mlp.forward
+        mlp.forward = lambda x, original=original, calls=calls: calls.append(1) or original(x)
+        model = TokenModel(bundle.policy).train()
+        batch = collate_pairs([TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12])], bundle.tokenizer.pad_token_id)
+        model(batch).logps.sum().backward()
+        counts[checkpointing] = len(calls)
+    assert counts == {False: 1, True: 2}  # the block's forward runs again in the backward pass

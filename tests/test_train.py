@@ -327,3 +327,21 @@ def test_fpo_bad_sae_settings_are_clear(tmp_path):
                 tmp_path / "run2", "method.name=fpo", f"sae.path={wide}", "sae.layer=1", "train.max_steps=1"
             )
         )
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    train(smoke(tmp_path / "plain", "train.max_steps=3", "train.save_every=0", "train.eval_every=0"))
+    train(
+        smoke(
+            tmp_path / "ckpt",
+            "train.max_steps=3",
+            "train.save_every=0",
+            "train.eval_every=0",
+            "train.gradient_checkpointing=true",
+        )
+    )
+    plain, ckpt = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ckpt")
+    for a, b in zip(plain, ckpt, strict=True):
+        for key in ("loss", "grad_norm", "eval/loss", "rewards/margins"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

@@ -45,6 +45,7 @@ __all__ = [
     "ModelError",
     "apply_lora",
     "disable_dropout",
+    "enable_gradient_checkpointing",
     "load_bundle",
     "load_model",
     "load_reference",
@@ -362,6 +363,21 @@ def load_bundle(
         return ModelBundle(apply_lora(model, cfg.lora, seed), tokenizer, reference=None, is_lora=True)
     reference = frozen_copy(model) if need_reference else None
     return ModelBundle(model, tokenizer, reference=reference, is_lora=False)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every decoder block (transformers' non-reentrant implementation, which
+    needs no ``requires_grad`` inputs, so it also works with LoRA's frozen embeddings)."""
+    from sparsealign.models.logprobs import unwrap_causal_lm
+
+    lm = unwrap_causal_lm(model)
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(lm).__name__} does not support gradient checkpointing; set it to false.")
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_reference(

@@ -33,7 +33,13 @@ from sparsealign.data.prepare import PreparedData, prepare_data
 from sparsealign.errors import UserError
 from sparsealign.losses import LossOutput
 from sparsealign.methods import Method, StepOutputs, get_method, save_method_module
-from sparsealign.models.loading import ModelBundle, load_bundle, load_reference, save_final
+from sparsealign.models.loading import (
+    ModelBundle,
+    enable_gradient_checkpointing,
+    load_bundle,
+    load_reference,
+    save_final,
+)
 from sparsealign.models.logprobs import TokenModel, TokenOutputs, output_head, unwrap_causal_lm
 from sparsealign.refcache import ReferenceCache, prepare_reference_cache, weights_digest
 from sparsealign.train.batches import BatchPlan, shard
@@ -273,6 +279,8 @@ def train(cfg: Config) -> RunResult:
         cfg.model, cfg.train.seed, accelerator.device, need_reference=method.needs_reference and not cached
     )
     digest = weights_digest(unwrap_causal_lm(bundle.policy)) if cached else None  # the untrained weights
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(bundle.policy)
     with accelerator.main_process_first():
         data: PreparedData = prepare_data(cfg, bundle, accelerator.is_main_process)
     plan = BatchPlan(
