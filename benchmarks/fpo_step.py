@@ -36,7 +36,7 @@ from sparsealign.models.loading import enable_gradient_checkpointing, load_bundl
 from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
 from sparsealign.refcache import ReferenceCache, run_identity, weights_digest
 from sparsealign.refcache.build import build_cache
-from sparsealign.train.loop import build_feature_probe, compute_loss
+from sparsealign.train.loop import build_feature_probe, build_optimizer, compute_loss
 
 VARIANTS = {  # name: (method, uses the cache)
     "fpo_cache": ("fpo", True),
@@ -105,7 +105,7 @@ def setup(args, name: str, cache: Path, device: torch.device, bundle=None):
         digest = weights_digest(unwrap_causal_lm(bundle.policy))
         ref_cache = ReferenceCache(cache_folder(cache, cfg), run_identity(cfg, bundle, probe, digest))
     policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, features=probe)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = build_optimizer(policy, cfg)  # the library's AdamW (fused)
     items = make_pairs(len(bundle.tokenizer), args.pairs, args.length)
     batch = collate_pairs(items, bundle.tokenizer.pad_token_id).to(device)
 

@@ -221,9 +221,13 @@ def _total_steps(cfg: Config, plan: BatchPlan) -> int:
     return max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
 
 
-def _build_optimizer(model: TokenModel, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: TokenModel, cfg: Config) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters. A method's own module (mask networks) has its own weight decay
-    on its weight matrices (``method.mask_weight_decay``), none on biases and norms, as in SparsePO."""
+    on its weight matrices (``method.mask_weight_decay``), none on biases and norms, as in SparsePO.
+
+    The fused implementation (CPU and CUDA) updates each tensor in place: no optimizer-wide temporaries, so
+    the step's peak memory is the states themselves (the for-each default allocates copies of all of them),
+    and it is several times faster on CPU."""
     t = cfg.train
     policy = [p for p in model.model.parameters() if p.requires_grad]
     groups = [{"params": policy, "weight_decay": t.weight_decay}] if policy else []
@@ -238,7 +242,9 @@ def _build_optimizer(model: TokenModel, cfg: Config) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise TrainingError("The model has no trainable parameters.")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas))
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), fused=fused)
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -304,7 +310,7 @@ def train(cfg: Config) -> RunResult:
             cache = prepare_reference_cache(cfg, bundle, data, features, digest, accelerator.device)
     bundle.untrained = False  # from here on the policy is no longer the reference
     policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra, features)
-    optimizer = _build_optimizer(policy, cfg)
+    optimizer = build_optimizer(policy, cfg)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total)
     scheduler = build_scheduler(optimizer, warmup, total, cfg.train.schedule)
     policy, optimizer = accelerator.prepare(policy, optimizer)
