@@ -402,6 +402,18 @@ def load_reference(
 # Saving.
 
 
+def swap_in_folder(work: Path, folder: Path) -> None:
+    """Rename the finished ``work`` folder to ``folder``, replacing an existing one with two renames (readers
+    never see a half-written folder)."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.rename(folder, old)
+        os.rename(work, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, folder)
+
+
 def save_final(bundle: ModelBundle, folder: str | os.PathLike[str], merge: bool = False) -> Path:
     """Write the trained policy and tokenizer to ``folder`` (atomically: a temporary sibling, then rename).
 
@@ -422,13 +434,7 @@ def save_final(bundle: ModelBundle, folder: str | os.PathLike[str], merge: bool 
             merged.save_pretrained(work / "merged")
             bundle.tokenizer.save_pretrained(work / "merged")
             del merged
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.rename(folder, old)
-            os.rename(work, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(work, folder)
+        swap_in_folder(work, folder)
     except Exception as error:
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(error, ModelError):

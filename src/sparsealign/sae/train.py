@@ -878,13 +878,9 @@ def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
     try:
         os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         write(work)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.rename(folder, old)
-            os.rename(work, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(work, folder)
+        from sparsealign.models.loading import swap_in_folder
+
+        swap_in_folder(work, folder)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
