@@ -5,9 +5,11 @@ the same model, the same pairs and the same batch. The reference cache of those 
 FPO, pooled SAE codes) is built once beforehand, as ``sparsealign cache`` would.
 
 Time: the four steps alternate in one process; medians and ratios are printed. Memory: each variant runs
-in a fresh subprocess that loads only what the variant needs (no reference model with the cache); the
-figure is the process's peak RSS (``VmHWM``) over the RSS before any model was loaded, so it counts model
-weights, optimizer state and activations. On CUDA the peak of ``torch.cuda.max_memory_allocated`` is used.
+in a fresh subprocess that loads only what the variant needs (no reference model with the cache) and is
+measured in its second, steady-state step (optimizer state allocated). On CUDA the figure is
+``torch.cuda.max_memory_allocated``; on CPU its analogue, the peak of live tensor bytes (tensors alive
+before the step plus the profiler's highest net allocation within it), and also the process's peak RSS
+over its RSS before any model was loaded (what the process costs, allocator slack included).
 
     python benchmarks/fpo_step.py --model tiny-random-llama --layer 1 --sae-width 256 --sae-k 16
     python benchmarks/fpo_step.py --model smollm2-135m-instruct --pairs 4 --length 128 --repeats 3
@@ -104,7 +106,7 @@ def setup(args, name: str, cache: Path, device: torch.device, bundle=None):
     if cached:
         digest = weights_digest(unwrap_causal_lm(bundle.policy))
         ref_cache = ReferenceCache(cache_folder(cache, cfg), run_identity(cfg, bundle, probe, digest))
-    policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, features=probe)
+    policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, features=probe).train()  # as the trainer
     optimizer = build_optimizer(policy, cfg)  # the library's AdamW (fused)
     items = make_pairs(len(bundle.tokenizer), args.pairs, args.length)
     batch = collate_pairs(items, bundle.tokenizer.pad_token_id).to(device)
@@ -137,8 +139,38 @@ def build_caches(args, root: Path, device: torch.device) -> None:
         build_cache(cfg, bundle, {"train": items, "eval": []}, probe, expected, device, progress=False)
 
 
+def live_tensor_mb() -> float:
+    """Bytes of every tensor storage alive now (weights, optimizer state, caches), each storage once."""
+    import gc
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
+def step_peak_live_mb(step) -> float:
+    """Peak bytes of live tensors during one step on CPU, the analogue of CUDA's max_memory_allocated: the
+    tensors alive before the step plus the highest net allocation the profiler records within it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before = live_tensor_mb()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
+        prof.export_chrome_trace(trace_file.name)
+        events = json.loads(Path(trace_file.name).read_text())["traceEvents"]
+    net = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return before + max([0, *net]) / 2**20
+
+
 def memory(args, name: str, cache: Path, device: torch.device) -> dict:
-    """Peak memory of one variant, from before anything is loaded (run in a fresh process)."""
+    """Peak memory of one variant in its second (steady-state) step, run in a fresh process.
+
+    CUDA: ``max_memory_allocated``. CPU: the peak of live tensors (as CUDA's figure: what the tensors need,
+    without allocator slack) and the process's peak RSS over its RSS before any model was loaded."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         _, step, _ = setup(args, name, cache, device)
@@ -147,9 +179,9 @@ def memory(args, name: str, cache: Path, device: torch.device) -> dict:
         return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
     before = _status_mb("VmRSS")
     _, step, _ = setup(args, name, cache, device)
-    for _ in range(2):
-        step()
-    return {"peak_mb": _status_mb("VmHWM") - before}
+    step()  # the first step creates the optimizer state
+    live = step_peak_live_mb(step)
+    return {"peak_mb": live, "peak_rss_mb": _status_mb("VmHWM") - before}
 
 
 def timing(args, cache: Path, device: torch.device) -> dict:
@@ -212,14 +244,20 @@ def main() -> None:
         result["device"] = str(device)
         if not args.no_timing:
             result.update(timing(args, root / "cache", device))
-        peaks = {}
+        peaks, rss = {}, {}
         for name in VARIANTS:
             argv = [a for a in sys.argv[1:] if a != "--no-timing"]
             cmd = [sys.executable, __file__, *argv, "--sae", args.sae, "--cache", str(root / "cache")]
             out = subprocess.run([*cmd, "--memory-only", name], capture_output=True, text=True, check=True)
-            peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+            measured = json.loads(out.stdout.strip().splitlines()[-1])
+            peaks[name] = measured["peak_mb"]
+            if "peak_rss_mb" in measured:
+                rss[name] = measured["peak_rss_mb"]
         result["peak_mb"] = peaks
         targets = {"fpo_cache_memory_over_tdpo2_live (<= 0.85)": peaks["fpo_cache"] / peaks["tdpo2_live"]}
+        if rss:
+            result["peak_rss_mb"] = rss
+            targets["fpo_cache_rss_over_tdpo2_live"] = rss["fpo_cache"] / rss["tdpo2_live"]
         if not args.no_timing:
             med = result["median_step_s"]
             targets["fpo_cache_time_over_dpo_live (<= 1.0)"] = med["fpo_cache"] / med["dpo_live"]

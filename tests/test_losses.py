@@ -21,7 +21,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparsealign.losses import LossOutput, dpo_loss, ipo_loss, masked_mean, masked_sum, sft_loss, simpo_loss
+from sparsealign.losses import (
+    LossOutput,
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    masked_mean,
+    masked_sum,
+    sft_loss,
+    simpo_loss,
+)
 
 PAIRED_KEYS = {
     "rewards/chosen",
@@ -78,15 +87,16 @@ def random_batch(seed: int = 0, dtype: torch.dtype = torch.float64) -> dict[str,
     }
 
 
-# The four losses called on a full paired batch (SFT sees the chosen side only).
+# The losses called on a full paired batch (SFT sees the chosen side only).
 LOSSES = {
     "dpo": lambda b: dpo_loss(**b, beta=0.5),
     "cdpo": lambda b: dpo_loss(**b, beta=0.5, label_smoothing=0.25),
     "ipo": lambda b: ipo_loss(**b, tau=0.5),
     "simpo": lambda b: simpo_loss(**without_ref(b), beta=2.0, gamma=0.5),
     "sft": lambda b: sft_loss(b["policy_chosen_logps"], b["mask_chosen"]),
+    "kto": lambda b: kto_loss(**b, reference_point=0.25, beta=0.5),
 }
-PAIRED = ["dpo", "cdpo", "ipo", "simpo"]
+PAIRED = ["dpo", "cdpo", "ipo", "simpo", "kto"]
 
 
 # --- helpers -------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def _random_sae(folder: Path) -> Path:
 FPO = ("method.name=fpo", "sae.layer=1", "method.k=8")
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "fpo"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "kto", "fpo"])
 def test_training_from_the_cache_matches_the_live_reference(tmp_path, monkeypatch, method):
     extra = [f"method.name={method}"]
     if method == "fpo":
@@ -79,7 +80,8 @@ def test_training_from_the_cache_matches_the_live_reference(tmp_path, monkeypatc
                 assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
         if "grad_norm" in a:
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
-    assert live[0]["loss"] == pytest.approx(0.6931, abs=1e-3) or method == "ipo"
+    at_reference = {"ipo": live[0]["loss"], "kto": 0.5}.get(method, math.log(2))  # KTO: 1 − σ(0)
+    assert live[0]["loss"] == pytest.approx(at_reference, abs=1e-3)
 
 
 def test_missing_cache_is_built_before_training_then_reused(tmp_path, monkeypatch):
@@ -103,7 +105,9 @@ def test_a_cache_that_does_not_match_is_refused_naming_the_field(tmp_path):
         CacheError, match=r"model\.weights"
     ):  # other weights: the tiny model from another seed
         train(smoke(tmp_path / "r2", f"reference.cache={cache}", "train.seed=7"))
-    with pytest.raises(CacheError, match=r"no entry for a pair"):  # other data
+    with pytest.raises(
+        CacheError, match=r"lacks 1 of this run's 1 pairs"
+    ):  # other data, refused before training
         other = tmp_path / "other.jsonl"
         other.write_text(json.dumps({"prompt": "Hi", "chosen": " good day", "rejected": " bad day"}) + "\n")
         train(smoke(tmp_path / "r3", f"reference.cache={cache}", f"data.path={other}", "train.batch_size=1"))

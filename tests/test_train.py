@@ -148,6 +148,7 @@ EXTRA = {
         "sparsepo-indp-mlp_last",
         "sparsepo-random",
         "mapo-uniform",
+        "kto",
     ],
 )
 def test_every_method_trains(tmp_path, method):

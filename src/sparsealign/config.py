@@ -132,11 +132,11 @@ MASK_MODELS = ("simple_all", "simple_last", "mlp_all", "mlp_last", "random")
 
 @dataclass
 class MethodConfig:
-    name: Literal["dpo", "cdpo", "ipo", "simpo", "sft", "tdpo1", "tdpo2", "sparsepo", "mapo", "fpo"] = _help(
-        "Training objective.", default="dpo"
-    )
+    name: Literal[
+        "dpo", "cdpo", "ipo", "simpo", "sft", "tdpo1", "tdpo2", "sparsepo", "mapo", "fpo", "kto"
+    ] = _help("Training objective.", default="dpo")
     beta: float = _help(
-        "Inverse temperature (DPO, cDPO, SimPO, TDPO, SparsePO, MaPO) or tau (IPO).", default=0.1
+        "Inverse temperature (DPO, cDPO, SimPO, TDPO, SparsePO, MaPO, FPO, KTO) or tau (IPO).", default=0.1
     )
     label_smoothing: float = _help(
         "cDPO: assumed probability that a preference label is flipped.", default=0.0
@@ -169,6 +169,10 @@ class MethodConfig:
     stop_grad_chosen: bool = _help(
         "FPO: stop the gradient through the chosen response's feature distance.", default=True
     )
+    desirable_weight: float = _help("KTO: weight of the desirable (chosen) examples' losses.", default=1.0)
+    undesirable_weight: float = _help(
+        "KTO: weight of the undesirable (rejected) examples' losses.", default=1.0
+    )
 
 
 # Which method uses which method.* field; a field changed from its default for a method that does not use it
@@ -180,6 +184,8 @@ METHOD_FIELDS = {
     "k": {"fpo"},
     "index_set": {"fpo"},
     "stop_grad_chosen": {"fpo"},
+    "desirable_weight": {"kto"},
+    "undesirable_weight": {"kto"},
     "shared_mask": {"sparsepo"},
     "mask_model": {"sparsepo"},
     "l1_reward": {"sparsepo"},
@@ -524,6 +530,8 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"'method.{key}' has no effect with method '{m.name}' (it is used by: {users})."
             )
+    if m.desirable_weight < 0 or m.undesirable_weight < 0:
+        raise ConfigError("'method.desirable_weight' and 'method.undesirable_weight' must be >= 0.")
     if t.warmup_steps and t.warmup_ratio:
         raise ConfigError("Give 'train.warmup_steps' or 'train.warmup_ratio', not both.")
     if not 0.0 <= t.warmup_ratio < 1.0:
@@ -542,7 +550,7 @@ def validate(config: Config) -> None:
         raise ConfigError("'pairs.samples_per_prompt' must be at least 2.")
 
 
-CACHEABLE_METHODS = ("dpo", "cdpo", "ipo", "fpo")
+CACHEABLE_METHODS = ("dpo", "cdpo", "ipo", "kto", "fpo")
 """Methods whose reference side is per-token log-probs (and pooled SAE codes) only, so it can be cached."""
 
 

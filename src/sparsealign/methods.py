@@ -26,6 +26,8 @@ from sparsealign.losses import (
     feature_distance,
     fpo_loss,
     ipo_loss,
+    kto_loss,
+    kto_reference_point,
     sft_loss,
     simpo_loss,
     sparsepo_loss,
@@ -42,6 +44,8 @@ class StepOutputs:
     reference: TokenOutputs | None
     num_pairs: int
     activation_mask: torch.Tensor | None = None
+    mismatched_policy: TokenOutputs | None = None
+    mismatched_reference: TokenOutputs | None = None
 
     def policy_pair(self) -> tuple[TokenOutputs, TokenOutputs]:
         return self.policy.chosen(self.num_pairs), self.policy.rejected(self.num_pairs)
@@ -61,7 +65,9 @@ class Method:
     chosen responses only, as SFT); ``build_module(method_cfg, model_config, seed)``: an extra trainable
     module that runs on the reference's hidden states (SparsePO's mask networks; it declares the layers
     it needs with ``.layers()``); ``activation_types(method_cfg)``: reference activations to capture for a
-    mask (MaPO); ``needs_features``: pooled SAE codes of policy and reference (FPO; the SAE is ``sae.*``).
+    mask (MaPO); ``needs_features``: pooled SAE codes of policy and reference (FPO; the SAE is ``sae.*``);
+    ``needs_mismatched``: policy and reference log-probs, without gradients, of each prompt continued by
+    another prompt's response (KTO's reference point).
     """
 
     name: str
@@ -72,6 +78,7 @@ class Method:
     build_module: Callable[[MethodConfig, Any, int], nn.Module] | None = None
     activation_types: Callable[[MethodConfig], list[str]] | None = None
     needs_features: bool = False
+    needs_mismatched: bool = False
 
 
 def _dpo(out: StepOutputs, cfg: MethodConfig) -> LossOutput:
@@ -141,6 +148,30 @@ def _fpo(out: StepOutputs, cfg: MethodConfig) -> LossOutput:
     return result
 
 
+def _kto(out: StepOutputs, cfg: MethodConfig) -> LossOutput:
+    (pc, pr), (rc, rr) = out.policy_pair(), out.reference_pair()
+    mp, mr = out.mismatched_policy, out.mismatched_reference
+    if mp is None or mr is None:
+        raise ValueError("KTO needs the log-probs of the mismatched responses")
+    z0 = kto_reference_point(mp.logps, mr.logps, mp.mask, average=_mean_over_processes)
+    return kto_loss(
+        pc.logps, pr.logps, rc.logps, rr.logps, pc.mask, pr.mask, z0,
+        beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+    )  # fmt: skip
+
+
+def _mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over every process's rows (``values.mean()`` in a single process), so that
+    all processes use the same KTO reference point, as TRL and HALOs do."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values.mean()
+    totals = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp_min(1)).to(values.dtype)
+
+
 def _mask_model(cfg: MethodConfig, model_config: Any, seed: int) -> nn.Module:
     from sparsealign.masks import build_mask_model
 
@@ -170,6 +201,7 @@ METHODS: dict[str, Method] = {
         "mapo", _mapo, needs_reference=True, needs_token_kl=True, activation_types=_activation_types
     ),
     "fpo": Method("fpo", _fpo, needs_reference=True, needs_features=True),
+    "kto": Method("kto", _kto, needs_reference=True, needs_mismatched=True),
 }
 
 

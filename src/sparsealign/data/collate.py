@@ -103,3 +103,14 @@ def collate_pairs(
     if not chosen_only:
         prompts, responses = prompts * 2, responses + [p.rejected_ids for p in pairs]
     return collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))
+
+
+def collate_mismatched(pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
+    """One row per pair: its prompt continued by its ``mismatched_ids`` (KTO's reference-point rows)."""
+    if any(p.mismatched_ids is None for p in pairs):
+        raise ValueError(
+            "these pairs have no mismatched responses (data.mismatched.with_mismatched_responses)"
+        )
+    return collate_sequences(
+        [p.prompt_ids for p in pairs], [p.mismatched_ids for p in pairs], pad_id, padding_side
+    )

@@ -16,6 +16,7 @@ from typing import Any
 from sparsealign.data.errors import DataError
 from sparsealign.data.examples import PreferenceExample, TokenizedPair
 from sparsealign.data.formats import load_examples
+from sparsealign.data.mismatched import with_mismatched_responses
 from sparsealign.data.sources import load_source
 from sparsealign.data.tokenize import tokenize_examples
 
@@ -104,6 +105,11 @@ def prepare_data(config: Any, bundle: Any, is_main_process: bool = True) -> Prep
         raise DataError(
             f"None of the {len(train_examples)} training examples fit data.max_length={d.max_length}."
         )
+    from sparsealign.methods import get_method
+
+    if get_method(config.method.name).needs_mismatched:
+        train = with_mismatched_responses(train, d.max_length)
+        evaluation = with_mismatched_responses(evaluation, d.max_length)
     logger.info(
         "data: %d training pairs, %d evaluation pairs, %d held-out prompts",
         len(train),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, masked_sum, paired_metrics
 from sparsealign.losses.dpo import dpo_loss, ipo_loss
 from sparsealign.losses.fpo import active_features, feature_distance, fpo_loss, pool_features
+from sparsealign.losses.kto import kto_loss, kto_reference_point
 from sparsealign.losses.sft import sft_loss
 from sparsealign.losses.simpo import simpo_loss
 from sparsealign.losses.sparsepo import sparsepo_loss
@@ -21,6 +22,8 @@ __all__ = [
     "feature_distance",
     "fpo_loss",
     "ipo_loss",
+    "kto_loss",
+    "kto_reference_point",
     "masked_mean",
     "masked_sum",
     "paired_metrics",

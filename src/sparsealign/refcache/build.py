@@ -10,11 +10,18 @@ from typing import Any
 
 import torch
 
-from sparsealign.data.collate import collate_pairs
+from sparsealign.data.collate import collate_mismatched, collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.models.logprobs import TokenModel
 from sparsealign.refcache.identity import CacheError, run_identity
-from sparsealign.refcache.store import SPLITS, ReferenceCache, pair_key, split_file, write_split
+from sparsealign.refcache.store import (
+    SPLITS,
+    ReferenceCache,
+    pair_key,
+    sequence_key,
+    split_file,
+    write_split,
+)
 
 logger = logging.getLogger("sparsealign.refcache")
 
@@ -49,10 +56,14 @@ def build_split(
     progress: bool = True,
 ) -> None:
     """Run the reference over ``pairs`` (``reference.batch_size`` at a time, chosen and rejected in one
-    forward, through the same per-token path as training) and write ``path``."""
+    forward, through the same per-token path as training) and write ``path``. Pairs that carry
+    ``mismatched_ids`` (data prepared for KTO) also get the reference log-probs of those rows."""
     keys: list[int] = []
     logps: list[torch.Tensor] = []
     features: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe is not None else None
+    with_mismatched = bool(pairs) and all(p.mismatched_ids is not None for p in pairs)
+    mm_keys: list[int] = []
+    mm_logps: list[torch.Tensor] = []
     pad = bundle.tokenizer.pad_token_id
     size = cfg.reference.batch_size
     bar = _progress(len(pairs), header["split"], progress)
@@ -69,11 +80,19 @@ def build_split(
                     logps.append(out.logps[row][batch.response_mask[row]].float().cpu())
                     if features is not None:
                         features.append(sparse_code(out.features[row], cfg.reference.feature_top_k))
+            if with_mismatched:  # KTO: each prompt continued by its mismatched response
+                rows = collate_mismatched(items, pad, cfg.data.padding_side).to(device)
+                mm = TokenModel(reference, cfg.train.logprob_chunk)(rows)
+                for i, pair in enumerate(items):
+                    mm_keys.append(sequence_key(pair.prompt_ids, pair.mismatched_ids))
+                    mm_logps.append(mm.logps[i][rows.response_mask[i]].float().cpu())
             if bar is not None:
                 bar.update(b)
     if bar is not None:
         bar.close()
-    write_split(path, {**header, "pairs": len(keys)}, keys, logps, features)
+    mismatched = (mm_keys, mm_logps) if with_mismatched else None
+    header = {**header, "pairs": len(keys), "mismatched_responses": with_mismatched}
+    write_split(path, header, keys, logps, features, mismatched)
 
 
 def build_cache(
@@ -131,6 +150,14 @@ def prepare_reference_cache(
         pairs = {"train": data.train, "eval": data.eval}
         build_cache(cfg, bundle, {s: pairs[s] for s in missing}, probe, expected, device, cfg.train.progress)
     cache = ReferenceCache(folder, expected)
+    pairs = [*data.train, *data.eval]
+    unserved = cache.missing(pairs)
+    if unserved:
+        what = " (or their mismatched responses, for KTO)" if pairs and pairs[0].mismatched_ids else ""
+        raise CacheError(
+            f"The reference cache {folder} lacks {unserved} of this run's {len(pairs)} pairs{what}: the "
+            "data changed since it was built. Rebuild it with `sparsealign cache RECIPE [overrides]`."
+        )
     logger.info("reference cache: %s (%d pairs); no reference model is run", folder, len(cache))
     return cache
 
@@ -166,8 +193,7 @@ def cache_run(cfg: Any, force: bool = False) -> tuple[Path, bool]:
     folder = Path(cfg.reference.cache)
     if not force and all(split_file(folder, s).is_file() for s in SPLITS):
         cache = ReferenceCache(folder, expected)  # raises, naming the mismatch, if it is stale
-        keys = {pair_key(p) for p in [*data.train, *data.eval]}
-        if all(any(k in s.rows for s in cache.splits) for k in keys):
+        if not cache.missing([*data.train, *data.eval]):
             logger.info("reference cache: %s is up to date (%d pairs)", folder, len(cache))
             return folder, False
     build_cache(cfg, bundle, {"train": data.train, "eval": data.eval}, probe, expected, device)

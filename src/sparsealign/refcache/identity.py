@@ -21,7 +21,7 @@ from sparsealign.errors import UserError
 FORMAT = "sparsealign-reference-cache"
 VERSION = 1
 
-INFORMATIONAL = ("pairs", "split", "created", "sparsealign_version", "features.d_sae")
+INFORMATIONAL = ("pairs", "split", "created", "sparsealign_version", "features.d_sae", "mismatched_responses")
 """Header fields that describe a file but do not decide whether it matches a run."""
 
 

@@ -8,6 +8,9 @@ are stored in pair order, chosen then rejected (response ``2i`` and ``2i+1`` of 
   every response token;
 - with SAE codes (FPO): ``feature_offsets [2P+1]`` int64, ``feature_indices`` int32 and ``feature_values``
   float32: the non-zero entries (or the top-k) of each response's pooled reference SAE code.
+- with mismatched responses (built for KTO; such a cache serves DPO, IPO and cDPO too):
+  ``mismatched_keys [P]`` int64 (:func:`sequence_key` of the pair's prompt and mismatched response),
+  ``mismatched_offsets [P+1]`` int64 and ``mismatched_logps``: the reference log-probs of that response.
 
 The JSON header (:mod:`sparsealign.refcache.identity`) is the file's safetensors metadata.
 """
@@ -39,6 +42,13 @@ def pair_key(pair: TokenizedPair) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def sequence_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> int:
+    """A 63-bit key of one prompt + response row (KTO's mismatched rows)."""
+    text = json.dumps([list(prompt_ids), list(response_ids)], separators=(",", ":"))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def split_file(folder: Path, split: str) -> Path:
     return folder / f"{split}.safetensors"
 
@@ -56,9 +66,10 @@ def write_split(
     keys: list[int],
     logps: list[torch.Tensor],
     features: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    mismatched: tuple[list[int], list[torch.Tensor]] | None = None,
 ) -> None:
     """Write one split atomically. ``logps``: one 1-D tensor per response (2 per pair, chosen first);
-    ``features``: one (indices, values) per response."""
+    ``features``: one (indices, values) per response; ``mismatched``: (key, log-probs) per pair."""
     from safetensors.torch import save_file
 
     tensors = {
@@ -74,6 +85,11 @@ def write_split(
         tensors["feature_values"] = (
             torch.cat([v for _, v in features]).float() if features else torch.zeros(0)
         )
+    if mismatched is not None:
+        mm_keys, mm_logps = mismatched
+        tensors["mismatched_keys"] = torch.tensor(mm_keys, dtype=torch.int64)
+        tensors["mismatched_offsets"] = _offsets([len(x) for x in mm_logps])
+        tensors["mismatched_logps"] = torch.cat(mm_logps).float() if mm_logps else torch.zeros(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
@@ -101,10 +117,15 @@ class _Split:
         self.tensors = load_file(str(path))
         self.rows = {int(k): i for i, k in enumerate(self.tensors["keys"].tolist())}
         self.has_features = "feature_offsets" in self.tensors
+        self.has_mismatched = "mismatched_keys" in self.tensors
 
     def logps(self, response: int) -> torch.Tensor:
         o = self.tensors["logp_offsets"]
         return self.tensors["logps"][int(o[response]) : int(o[response + 1])]
+
+    def mismatched_logps(self, row: int) -> torch.Tensor:
+        o = self.tensors["mismatched_offsets"]
+        return self.tensors["mismatched_logps"][int(o[row]) : int(o[row + 1])]
 
     def features(self, response: int) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.tensors["feature_offsets"]
@@ -143,6 +164,21 @@ class ReferenceCache:
     def __len__(self) -> int:
         return sum(len(s.rows) for s in self.splits)
 
+    def missing(self, pairs: Sequence[TokenizedPair]) -> int:
+        """How many of ``pairs`` this cache cannot serve: no entry, or (for pairs that carry
+        ``mismatched_ids``) no stored mismatched response or another one."""
+        count = 0
+        for pair in pairs:
+            key = pair_key(pair)
+            found = next(((s, s.rows[key]) for s in self.splits if key in s.rows), None)
+            if found is not None and pair.mismatched_ids is not None:
+                split, row = found
+                stored = int(split.tensors["mismatched_keys"][row]) if split.has_mismatched else None
+                if stored != sequence_key(pair.prompt_ids, pair.mismatched_ids):
+                    found = None
+            count += found is None
+        return count
+
     def _find(self, pair: TokenizedPair) -> tuple[_Split, int]:
         key = pair_key(pair)
         for split in self.splits:
@@ -163,15 +199,7 @@ class ReferenceCache:
         responses = [(split, 2 * row) for split, row in found]
         if batch.num_pairs:
             responses += [(split, 2 * row + 1) for split, row in found]
-        logps = torch.zeros(mask.shape, dtype=torch.float32)
-        for n, (split, response) in enumerate(responses):
-            values = split.logps(response)
-            if len(values) != int(mask[n].sum()):
-                raise CacheError(
-                    f"The reference cache {self.folder} holds {len(values)} log-probs for a response of "
-                    f"{int(mask[n].sum())} tokens: the file is corrupt; rebuild it."
-                )
-            logps[n, : len(values)] = values
+        logps = self._logps([split.logps(response) for split, response in responses], mask)
         features = None
         if self.d_sae is not None:
             features = torch.zeros(len(responses), self.d_sae, dtype=torch.float32)
@@ -181,6 +209,40 @@ class ReferenceCache:
                 indices, values = split.features(response)
                 features[n, indices] = values
             features = features.to(mask.device)
-        logps = logps.to(mask.device)
-        empty = logps.new_zeros(0, 1)
-        return TokenOutputs(logps=logps * mask, mask=mask, head_inputs=empty, features=features)
+        return TokenOutputs(logps=logps, mask=mask, head_inputs=logps.new_zeros(0, 1), features=features)
+
+    def mismatched_outputs(self, pairs: Sequence[TokenizedPair], batch: Batch) -> TokenOutputs:
+        """The reference's log-probs of each pair's prompt continued by its ``mismatched_ids`` (KTO), for
+        ``batch`` (built from ``pairs`` by ``collate_mismatched``)."""
+        rows = []
+        for pair in pairs:
+            split, row = self._find(pair)
+            if not split.has_mismatched:
+                raise CacheError(
+                    f"The reference cache {self.folder} was built without mismatched responses; KTO needs "
+                    "them. Rebuild it with `sparsealign cache RECIPE method.name=kto` (a KTO cache serves "
+                    "DPO, IPO and cDPO too)."
+                )
+            if int(split.tensors["mismatched_keys"][row]) != sequence_key(
+                pair.prompt_ids, pair.mismatched_ids or []
+            ):
+                raise CacheError(
+                    f"The reference cache {self.folder} holds another mismatched response for a pair of this "
+                    "run (the order of the pairs or data.max_length changed since it was built). Rebuild it "
+                    "with `sparsealign cache RECIPE [overrides]`."
+                )
+            rows.append(split.mismatched_logps(row))
+        logps = self._logps(rows, batch.response_mask)
+        return TokenOutputs(logps=logps, mask=batch.response_mask, head_inputs=logps.new_zeros(0, 1))
+
+    def _logps(self, rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Response-aligned ``[N, T]`` log-probs from one stored 1-D tensor per row of ``mask``."""
+        logps = torch.zeros(mask.shape, dtype=torch.float32)
+        for n, values in enumerate(rows):
+            if len(values) != int(mask[n].sum()):
+                raise CacheError(
+                    f"The reference cache {self.folder} holds {len(values)} log-probs for a response of "
+                    f"{int(mask[n].sum())} tokens: the file is corrupt; rebuild it."
+                )
+            logps[n, : len(values)] = values
+        return logps.to(mask.device)

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from sparsealign.config import Config, dump_config, to_dict
-from sparsealign.data.collate import Batch, collate_pairs
+from sparsealign.data.collate import Batch, collate_mismatched, collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.data.prepare import PreparedData, prepare_data
 from sparsealign.errors import UserError
@@ -127,7 +127,35 @@ def step_outputs(
     out = policy(batch, reference=reference, reference_head=reference_head)
     if reference is not None:
         reference.layers = {}  # the mask module has used them: free them before the backward pass
-    return StepOutputs(out, reference, batch.num_pairs, activation_mask)
+    result = StepOutputs(out, reference, batch.num_pairs, activation_mask)
+    if method.needs_mismatched:
+        result.mismatched_policy, result.mismatched_reference = mismatched_outputs(
+            policy, bundle, cfg, batch, pairs, cache
+        )
+    return result
+
+
+@torch.no_grad()
+def mismatched_outputs(
+    policy: torch.nn.Module,
+    bundle: ModelBundle,
+    cfg: Config,
+    batch: Batch,
+    pairs: Sequence[TokenizedPair],
+    cache: ReferenceCache | None = None,
+) -> tuple[TokenOutputs, TokenOutputs]:
+    """Policy and reference log-probs of each prompt of ``pairs`` continued by its mismatched response
+    (KTO's reference point): a separate forward without gradients, as the reference point is detached."""
+    if len(pairs) != batch.num_pairs:
+        raise ValueError("KTO needs the pairs the batch was collated from (compute_loss(..., pairs))")
+    rows = collate_mismatched(pairs, bundle.tokenizer.pad_token_id, cfg.data.padding_side)
+    rows = rows.to(batch.input_ids.device)
+    if cache is not None:
+        reference = cache.mismatched_outputs(pairs, rows)
+    else:
+        with bundle.reference_model() as ref_model:
+            reference = TokenModel(ref_model, getattr(policy, "module", policy).chunk)(rows)
+    return policy(rows), reference
 
 
 def compute_loss(

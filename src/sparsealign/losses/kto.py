@@ -1,0 +1,81 @@
+"""KTO: Kahneman-Tversky Optimisation (Ethayarajh et al. 2024, arXiv:2402.01306), on paired data.
+
+Each pair gives one desirable example (the chosen response) and one undesirable example (the rejected
+response). The reference point z₀ is an estimate of KL(π ‖ π_ref) from *mismatched* responses: each
+prompt x paired with a response written for another prompt, as in the paper, HALOs and TRL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from sparsealign.losses.base import LossOutput, check_shapes, masked_sum, paired_metrics
+
+
+def kto_reference_point(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    mask: Tensor,
+    average: Callable[[Tensor], Tensor] = torch.mean,
+) -> Tensor:
+    """z₀ = max(0, mean_i Σ_t (π − ref)) over the mismatched rows ``[M, T]``, detached (no gradient flows
+    through the reference point, as in the paper). ``average`` turns the ``[M]`` per-row log-ratios into
+    their mean; a multi-process run passes the mean over all processes' rows. A scalar tensor."""
+    check_shapes(policy_logps, ref_logps, mask)
+    logratios = masked_sum(policy_logps - ref_logps, mask).detach()
+    return average(logratios).clamp_min(0)
+
+
+def kto_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    mask_chosen: Tensor,
+    mask_rejected: Tensor,
+    reference_point: Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO's loss with the sigmoid value function.
+
+    With log-ratios summed over response tokens, r = Σ_t (π − ref), and the reference point z₀
+    (:func:`kto_reference_point`),
+
+        loss_w = λ_D · (1 − σ(β (r_w − z₀))),    loss_l = λ_U · (1 − σ(β (z₀ − r_l))),
+
+    and the loss is the mean over all 2B examples, i.e. ``per_example = (loss_w + loss_l) / 2`` per pair.
+    λ_D = ``desirable_weight``, λ_U = ``undesirable_weight``; the paper recommends
+    λ_D n_D / (λ_U n_U) in [1, 4/3] (1 for paired data with equal weights).
+
+    Rewards are β · r of each side; ``kl`` is z₀ (TRL's metric name).
+    """
+    check_shapes(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        mask_chosen,
+        mask_rejected,
+    )
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError("desirable_weight and undesirable_weight must be non-negative")
+    z0 = torch.as_tensor(reference_point, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
+    policy_chosen = masked_sum(policy_chosen_logps, mask_chosen)
+    policy_rejected = masked_sum(policy_rejected_logps, mask_rejected)
+    chosen_logratio = policy_chosen - masked_sum(ref_chosen_logps, mask_chosen)
+    rejected_logratio = policy_rejected - masked_sum(ref_rejected_logps, mask_rejected)
+
+    chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (chosen_logratio - z0)))
+    rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rejected_logratio)))
+    per_example = (chosen_losses + rejected_losses) / 2
+
+    metrics = paired_metrics(beta * chosen_logratio, beta * rejected_logratio, policy_chosen, policy_rejected)
+    metrics["kl"] = z0.detach()
+    return LossOutput(loss=per_example.mean(), per_example=per_example, metrics=metrics)

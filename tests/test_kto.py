@@ -1,0 +1,241 @@
+"""KTO: the loss by hand, the reference point, the mismatched responses, and the method in the trainer.
+
+The generic loss properties (padding, masking, gradcheck, shapes, paired metrics) run for KTO in
+test_losses.py; training from the reference cache equals a live reference in test_refcache.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+from sparsealign.config import ConfigError, load_config
+from sparsealign.data.collate import collate_mismatched, collate_pairs
+from sparsealign.data.examples import TokenizedPair
+from sparsealign.data.mismatched import with_mismatched_responses
+from sparsealign.losses import kto_loss, kto_reference_point
+from sparsealign.methods import get_method
+from sparsealign.models.loading import load_bundle
+from sparsealign.models.logprobs import TokenModel
+from sparsealign.refcache import CacheError
+from sparsealign.refcache.build import cache_run
+from sparsealign.refcache.store import read_header, split_file
+from sparsealign.train.loop import step_outputs, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs/smoke.yaml"
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def t(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def hand_batch() -> dict[str, torch.Tensor]:
+    """Summed log-ratios: chosen [0.5, 1.0], rejected [−0.5, −1.0] (the batch of test_losses.py)."""
+    return {
+        "policy_chosen_logps": t([[-1.0, -2.0, 0.0], [-0.5, -0.5, -1.0]]),
+        "policy_rejected_logps": t([[-2.0, -1.0, -1.0], [-3.0, 0.0, 0.0]]),
+        "ref_chosen_logps": t([[-1.5, -2.0, 0.0], [-1.0, -1.0, -1.0]]),
+        "ref_rejected_logps": t([[-1.5, -1.0, -1.0], [-2.0, 0.0, 0.0]]),
+        "mask_chosen": torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool),
+        "mask_rejected": torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool),
+    }
+
+
+# --- the loss ------------------------------------------------------------------------------------------
+
+
+def test_kto_by_hand():
+    """β = 0.5, z₀ = 0.25.
+
+    desirable:   1 − σ(0.5 · (0.5 − 0.25)) = 1 − σ(0.125);   1 − σ(0.5 · (1.0 − 0.25)) = 1 − σ(0.375)
+    undesirable: 1 − σ(0.5 · (0.25 + 0.5)) = 1 − σ(0.375);   1 − σ(0.5 · (0.25 + 1.0)) = 1 − σ(0.625)
+    per pair: the mean of its two examples.
+    """
+    out = kto_loss(**hand_batch(), reference_point=0.25, beta=0.5)
+    expected = t(
+        [
+            (2 - sigmoid(0.125) - sigmoid(0.375)) / 2,
+            (2 - sigmoid(0.375) - sigmoid(0.625)) / 2,
+        ]
+    )
+    assert_close(out.per_example, expected)
+    assert_close(out.loss, expected.mean())
+    assert_close(out.metrics["kl"], torch.tensor(0.25))
+    assert_close(out.metrics["rewards/chosen"], torch.tensor(0.5 * 0.75))  # β · mean([0.5, 1.0])
+    assert_close(out.metrics["rewards/rejected"], torch.tensor(-0.5 * 0.75))
+
+
+def test_kto_weights_by_hand():
+    """λ_D = 2, λ_U = 0.5 scale each side's loss: pair 1 = (2 (1 − σ(0.125)) + 0.5 (1 − σ(0.375))) / 2."""
+    out = kto_loss(
+        **hand_batch(), reference_point=0.25, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5
+    )
+    first = (2 * (1 - sigmoid(0.125)) + 0.5 * (1 - sigmoid(0.375))) / 2
+    assert_close(out.per_example[0], torch.tensor(first))
+
+
+def test_kto_at_reference_with_zero_reference_point_is_one_half():
+    b = hand_batch()
+    b["ref_chosen_logps"], b["ref_rejected_logps"] = b["policy_chosen_logps"], b["policy_rejected_logps"]
+    assert_close(kto_loss(**b, reference_point=0.0, beta=0.3).per_example, t([0.5, 0.5]))
+
+
+def test_a_zero_weight_side_gets_no_gradient():
+    b = {k: v.clone() for k, v in hand_batch().items()}
+    for key in ("policy_chosen_logps", "policy_rejected_logps"):
+        b[key].requires_grad_(True)
+    kto_loss(**b, reference_point=0.1, desirable_weight=0.0).loss.backward()
+    assert (b["policy_chosen_logps"].grad == 0).all()
+    assert (b["policy_rejected_logps"].grad[b["mask_rejected"]] > 0).all()  # descent lowers the rejected
+
+
+def test_bad_kto_settings_are_refused():
+    with pytest.raises(ValueError, match="beta"):
+        kto_loss(**hand_batch(), reference_point=0.0, beta=0.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        kto_loss(**hand_batch(), reference_point=0.0, undesirable_weight=-1.0)
+
+
+# --- the reference point -------------------------------------------------------------------------------
+
+
+def test_reference_point_by_hand_clamped_and_detached():
+    """Mismatched rows: Σ (π − ref) = [(−1 + 2) + (−2 + 2), −3 + 1] = [1, −2] (row 2's second token is
+    padding); the mean −0.5 clamps to 0. Shifting row 2's policy up by 4 gives [1, 2]: z₀ = 1.5."""
+    policy = t([[-1.0, -2.0], [-3.0, 9.0]]).requires_grad_(True)
+    ref = t([[-2.0, -2.0], [-1.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    assert_close(kto_reference_point(policy, ref, mask), torch.tensor(0.0))
+    shifted = (policy + t([[0.0, 0.0], [4.0, 0.0]])).detach().requires_grad_(True)
+    z0 = kto_reference_point(shifted, ref, mask)
+    assert_close(z0, torch.tensor(1.5))
+    assert not z0.requires_grad  # no gradient flows through the reference point
+    assert_close(kto_reference_point(shifted, ref, mask, average=torch.max), torch.tensor(2.0))
+
+
+def _mean_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from sparsealign.methods import _mean_over_processes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    values = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-4.0])][rank]  # 3 rows and 1 row
+    results[rank] = float(_mean_over_processes(values))
+    dist.destroy_process_group()
+
+
+def test_reference_point_is_the_mean_over_all_processes():
+    """Rank 0 holds rows [1, 2, 3], rank 1 holds [−4]: both use (1 + 2 + 3 − 4) / 4 = 0.5 (not the mean of
+    the per-process means, 0.0), so every process trains against the same z₀."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_mean_worker, args=(port, results), nprocs=2)
+    assert dict(results) == {0: 0.5, 1: 0.5}
+
+
+# --- mismatched responses ------------------------------------------------------------------------------
+
+
+def test_mismatched_response_comes_from_the_next_other_prompt():
+    pairs = [
+        TokenizedPair([1], [10], [0]),
+        TokenizedPair([1], [11], [0]),  # same prompt as pair 0: skipped as a partner
+        TokenizedPair([2], [12], [0]),
+        TokenizedPair([3, 3, 3], [13], [0]),
+        TokenizedPair([3, 3, 3], [14], [0]),
+    ]
+    out = with_mismatched_responses(pairs, max_length=5)
+    assert [p.mismatched_ids for p in out] == [[12], [12], [13], [10], [10]]  # cyclic: 3 and 4 wrap to 0
+    assert [p.prompt_ids for p in out] == [p.prompt_ids for p in pairs]
+    assert pairs[0].mismatched_ids is None  # copies; the input is untouched
+    longer = with_mismatched_responses(
+        [TokenizedPair([1, 2, 3], [9], [0]), TokenizedPair([4], [5, 6, 7], [0])], 5
+    )
+    assert longer[0].mismatched_ids == [5, 6]  # cut so that prompt + response fit max_length
+    one_prompt = with_mismatched_responses([TokenizedPair([1], [10], [0]), TokenizedPair([1], [11], [0])], 5)
+    assert [p.mismatched_ids for p in one_prompt] == [[11], [10]]
+
+
+def test_mismatched_rows_collate_as_prompt_plus_response():
+    pairs = with_mismatched_responses([TokenizedPair([1, 2], [3], [4]), TokenizedPair([5], [6, 7], [8])], 8)
+    rows = collate_mismatched(pairs, pad_id=0)
+    assert rows.input_ids.tolist() == [[1, 2, 6, 7], [5, 3, 0, 0]]
+    assert rows.response_ids.tolist() == [[6, 7], [3, 0]]
+    with pytest.raises(ValueError, match="no mismatched responses"):
+        collate_mismatched([TokenizedPair([1], [2], [3])], pad_id=0)
+
+
+# --- the method ----------------------------------------------------------------------------------------
+
+
+def smoke(out: Path, *overrides: str):
+    base = [
+        f"output_dir={out}",
+        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        "train.progress=false",
+        "train.max_steps=2",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "method.name=kto",
+    ]
+    return load_config(SMOKE, base + list(overrides))
+
+
+def test_kto_step_uses_the_mismatched_rows_without_gradients(tmp_path):
+    cfg = smoke(tmp_path)
+    bundle = load_bundle(cfg.model, 0, need_reference=False)
+    pairs = with_mismatched_responses(
+        [TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair([13, 14], [15], [16, 17])], 16
+    )
+    batch = collate_pairs(pairs, bundle.tokenizer.pad_token_id)
+    policy = TokenModel(bundle.policy).train()
+    out = step_outputs(policy, bundle, get_method("kto"), cfg, batch, pairs)
+    expected = TokenModel(bundle.policy)(collate_mismatched(pairs, bundle.tokenizer.pad_token_id))
+    assert_close(out.mismatched_policy.logps, expected.logps.detach())
+    assert not out.mismatched_policy.logps.requires_grad  # the reference point is detached: no graph
+    assert out.policy.logps.requires_grad
+    assert_close(out.mismatched_reference.logps, expected.logps.detach())  # untrained: policy = reference
+    with pytest.raises(ValueError, match="pairs the batch was collated from"):
+        step_outputs(policy, bundle, get_method("kto"), cfg, batch)
+
+
+def test_kto_trains_and_logs_the_reference_point(tmp_path):
+    result = train(smoke(tmp_path, "method.desirable_weight=1.33"))
+    assert result.steps == 2
+    assert "kl" in result.final_metrics and result.final_metrics["kl"] >= 0
+
+
+def test_kto_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="desirable_weight' has no effect with method 'dpo'"):
+        smoke(tmp_path, "method.name=dpo", "method.desirable_weight=2.0")
+    with pytest.raises(ConfigError, match=">= 0"):
+        smoke(tmp_path, "method.undesirable_weight=-1")
+
+
+def test_a_kto_cache_serves_dpo_and_a_dpo_cache_is_refused_for_kto(tmp_path, monkeypatch):
+    from sparsealign.models import loading
+
+    kto_cache, dpo_cache = tmp_path / "kto-cache", tmp_path / "dpo-cache"
+    cache_run(smoke(tmp_path / "a", f"reference.cache={kto_cache}"))
+    assert read_header(split_file(kto_cache, "train"))["mismatched_responses"] is True
+    cache_run(smoke(tmp_path / "b", "method.name=dpo", f"reference.cache={dpo_cache}"))
+    assert read_header(split_file(dpo_cache, "train"))["mismatched_responses"] is False
+    monkeypatch.setattr(loading, "frozen_copy", lambda *a: pytest.fail("reference copied"))
+    train(smoke(tmp_path / "c", "method.name=dpo", f"reference.cache={kto_cache}"))  # serves DPO
+    with pytest.raises(CacheError, match="mismatched responses, for KTO"):
+        train(smoke(tmp_path / "d", f"reference.cache={dpo_cache}", "reference.build_missing=false"))
