@@ -221,3 +221,37 @@ def test_cache_command(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("Up to date")
     assert main([*args, "method.name=sparsepo"]) == 2
     assert "does not train from a reference cache" in capsys.readouterr().err
+
+
+def test_two_processes_build_the_same_cache_as_one(tmp_path):
+    """`accelerate launch` with 2 CPU processes shares the pairs out and the main process writes one file per
+    split, equal to the one-process build (KTO: with the mismatched responses)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = [
+        "cache",
+        str(SMOKE),
+        "method.name=kto",
+        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        "reference.batch_size=4",
+        "train.progress=false",
+    ]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    for name, prefix in (("one", [sys.executable, "-m"]), ("two", launch)):
+        out = tmp_path / name
+        cmd = [*prefix, "sparsealign.cli", *args, f"output_dir={out}", f"reference.cache={out}/cache"]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 1 of 2 computes" in done.stderr  # each process computed its share
+    for split in ("train", "eval"):
+        one = load_file(str(split_file(tmp_path / "one/cache", split)))
+        two = load_file(str(split_file(tmp_path / "two/cache", split)))
+        assert sorted(one) == sorted(two) and "mismatched_logps" in one
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,61 @@ def _progress(total: int, label: str, enabled: bool):
     return tqdm(total=total, desc=f"reference cache ({label})", unit="pair", dynamic_ncols=True)
 
 
+@dataclass
+class PairEntry:
+    """The reference's outputs for one pair: what one row of a split file holds."""
+
+    index: int  # the pair's position in the split, to restore the order after a sharded build
+    key: int
+    logps: tuple[torch.Tensor, torch.Tensor]  # chosen, rejected
+    features: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # (indices, values) of each
+    mismatched: tuple[int, torch.Tensor] | None = None  # KTO: (sequence key, log-probs)
+
+
 @torch.no_grad()
+def reference_entries(
+    pairs: Sequence[TokenizedPair],
+    indices: Sequence[int],
+    bundle: Any,
+    cfg: Any,
+    probe: torch.nn.Module | None,
+    device: torch.device,
+    bar: Any = None,
+) -> list[PairEntry]:
+    """Run the reference over ``pairs[i] for i in indices`` (``reference.batch_size`` pairs at a time, chosen
+    and rejected in one forward, through the same per-token path as training). Pairs that carry
+    ``mismatched_ids`` (data prepared for KTO) also get the reference log-probs of those rows."""
+    entries: list[PairEntry] = []
+    pad = bundle.tokenizer.pad_token_id
+    size = cfg.reference.batch_size
+    top_k = cfg.reference.feature_top_k
+    with bundle.reference_model() as reference:
+        tokens = TokenModel(reference, cfg.train.logprob_chunk, features=probe)
+        for start in range(0, len(indices), size):
+            chunk = list(indices[start : start + size])
+            items = [pairs[i] for i in chunk]
+            batch = collate_pairs(items, pad, cfg.data.padding_side).to(device)
+            out = tokens(batch)
+            mm = rows = None
+            if items[0].mismatched_ids is not None:  # KTO: each prompt continued by its mismatched response
+                rows = collate_mismatched(items, pad, cfg.data.padding_side).to(device)
+                mm = TokenModel(reference, cfg.train.logprob_chunk)(rows)
+            b = len(items)
+            for i, (index, pair) in enumerate(zip(chunk, items, strict=True)):
+                sides = (i, b + i)  # chosen, then rejected
+                logps = tuple(out.logps[r][batch.response_mask[r]].float().cpu() for r in sides)
+                entry = PairEntry(index, pair_key(pair), logps)
+                if probe is not None:
+                    entry.features = tuple(sparse_code(out.features[r], top_k) for r in sides)
+                if mm is not None:
+                    values = mm.logps[i][rows.response_mask[i]].float().cpu()
+                    entry.mismatched = (sequence_key(pair.prompt_ids, pair.mismatched_ids), values)
+                entries.append(entry)
+            if bar is not None:
+                bar.update(b)
+    return entries
+
+
 def build_split(
     path: Path,
     header: dict[str, Any],
@@ -55,43 +110,40 @@ def build_split(
     device: torch.device,
     progress: bool = True,
 ) -> None:
-    """Run the reference over ``pairs`` (``reference.batch_size`` at a time, chosen and rejected in one
-    forward, through the same per-token path as training) and write ``path``. Pairs that carry
-    ``mismatched_ids`` (data prepared for KTO) also get the reference log-probs of those rows."""
-    keys: list[int] = []
-    logps: list[torch.Tensor] = []
-    features: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe is not None else None
-    with_mismatched = bool(pairs) and all(p.mismatched_ids is not None for p in pairs)
-    mm_keys: list[int] = []
-    mm_logps: list[torch.Tensor] = []
-    pad = bundle.tokenizer.pad_token_id
-    size = cfg.reference.batch_size
-    bar = _progress(len(pairs), header["split"], progress)
-    with bundle.reference_model() as reference:
-        tokens = TokenModel(reference, cfg.train.logprob_chunk, features=probe)
-        for start in range(0, len(pairs), size):
-            items = list(pairs[start : start + size])
-            batch = collate_pairs(items, pad, cfg.data.padding_side).to(device)
-            out = tokens(batch)
-            b = len(items)
-            for i, pair in enumerate(items):
-                keys.append(pair_key(pair))
-                for row in (i, b + i):  # chosen, then rejected
-                    logps.append(out.logps[row][batch.response_mask[row]].float().cpu())
-                    if features is not None:
-                        features.append(sparse_code(out.features[row], cfg.reference.feature_top_k))
-            if with_mismatched:  # KTO: each prompt continued by its mismatched response
-                rows = collate_mismatched(items, pad, cfg.data.padding_side).to(device)
-                mm = TokenModel(reference, cfg.train.logprob_chunk)(rows)
-                for i, pair in enumerate(items):
-                    mm_keys.append(sequence_key(pair.prompt_ids, pair.mismatched_ids))
-                    mm_logps.append(mm.logps[i][rows.response_mask[i]].float().cpu())
-            if bar is not None:
-                bar.update(b)
+    """Compute the reference's outputs of ``pairs`` and write ``path``. Under ``accelerate launch`` every
+    process computes every ``num_processes``-th pair; the main process gathers them and writes the file."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    mine = range(state.process_index, len(pairs), state.num_processes)
+    bar = _progress(len(mine), header["split"], progress and state.is_main_process)  # the main's share
+    if state.num_processes > 1:
+        logger.info(
+            "reference cache (%s): process %d of %d computes %d of %d pairs",
+            header["split"], state.process_index, state.num_processes, len(mine), len(pairs),
+        )  # fmt: skip
+    entries = reference_entries(pairs, mine, bundle, cfg, probe, device, bar)
     if bar is not None:
         bar.close()
-    mismatched = (mm_keys, mm_logps) if with_mismatched else None
-    header = {**header, "pairs": len(keys), "mismatched_responses": with_mismatched}
+    if state.num_processes > 1:
+        entries = gather_object(entries)
+    if state.is_main_process:
+        write_entries(path, header, sorted(entries, key=lambda e: e.index))
+    state.wait_for_everyone()
+
+
+def write_entries(path: Path, header: dict[str, Any], entries: list[PairEntry]) -> None:
+    with_mismatched = bool(entries) and all(e.mismatched is not None for e in entries)
+    features = None
+    if entries and entries[0].features is not None:
+        features = [code for e in entries for code in e.features]
+    mismatched = None
+    if with_mismatched:
+        mismatched = ([e.mismatched[0] for e in entries], [e.mismatched[1] for e in entries])
+    header = {**header, "pairs": len(entries), "mismatched_responses": with_mismatched}
+    keys = [e.key for e in entries]
+    logps = [values for e in entries for values in e.logps]
     write_split(path, header, keys, logps, features, mismatched)
 
 
@@ -133,7 +185,8 @@ def prepare_reference_cache(
     build: bool = True,
 ) -> ReferenceCache:
     """Open ``reference.cache`` for this run; build missing split files first when ``build`` and
-    ``reference.build_missing`` allow (existing files are checked before anything is added to them)."""
+    ``reference.build_missing`` allow (existing files are checked before anything is added to them).
+    Every process calls this together: a build is shared out across them (:func:`build_split`)."""
     expected = run_identity(cfg, bundle, probe, digest)
     folder = Path(cfg.reference.cache)
     present = [s for s in SPLITS if split_file(folder, s).is_file()]
@@ -169,6 +222,7 @@ def cache_run(cfg: Any, force: bool = False) -> tuple[Path, bool]:
     left as it is; one that does not match the recipe is refused unless ``force``. Returns the folder and
     whether anything was built."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from sparsealign.config import CACHEABLE_METHODS
     from sparsealign.data.prepare import prepare_data
@@ -184,10 +238,12 @@ def cache_run(cfg: Any, force: bool = False) -> tuple[Path, bool]:
         )
     if cfg.reference.cache is None:
         cfg.reference.cache = str(Path(cfg.output_dir) / "reference-cache")
-    device = PartialState().device
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
+    device = state.device
     bundle = load_bundle(cfg.model, cfg.train.seed, device, need_reference=False)
     digest = weights_digest(unwrap_causal_lm(bundle.policy))
-    data = prepare_data(cfg, bundle)
+    with state.main_process_first():  # sampled pairs (imdb) are made once, by the main process
+        data = prepare_data(cfg, bundle, state.is_main_process)
     probe = build_feature_probe(cfg, bundle, device) if cfg.method.name == "fpo" else None
     expected = run_identity(cfg, bundle, probe, digest)
     folder = Path(cfg.reference.cache)

@@ -334,8 +334,7 @@ def train(cfg: Config) -> RunResult:
     features = build_feature_probe(cfg, bundle, accelerator.device) if method.needs_features else None
     cache = None
     if cached:
-        with accelerator.main_process_first():
-            cache = prepare_reference_cache(cfg, bundle, data, features, digest, accelerator.device)
+        cache = prepare_reference_cache(cfg, bundle, data, features, digest, accelerator.device)
     bundle.untrained = False  # from here on the policy is no longer the reference
     policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra, features)
     optimizer = build_optimizer(policy, cfg)
