@@ -220,11 +220,15 @@ def test_kto_trains_and_logs_the_reference_point(tmp_path):
     assert "kl" in result.final_metrics and result.final_metrics["kl"] >= 0
 
 
-def test_kto_settings_are_checked(tmp_path):
+def test_kto_settings_are_checked(tmp_path, caplog):
     with pytest.raises(ConfigError, match="desirable_weight' has no effect with method 'dpo'"):
         smoke(tmp_path, "method.name=dpo", "method.desirable_weight=2.0")
     with pytest.raises(ConfigError, match=">= 0"):
         smoke(tmp_path, "method.undesirable_weight=-1")
+    smoke(tmp_path, "method.desirable_weight=1.33")
+    assert "recommends" not in caplog.text
+    smoke(tmp_path, "method.undesirable_weight=2.0")  # ratio 0.5: allowed, with the paper's advice
+    assert "ratio in [1, 4/3]" in caplog.text
 
 
 def test_a_kto_cache_serves_dpo_and_a_dpo_cache_is_refused_for_kto(tmp_path, monkeypatch):
