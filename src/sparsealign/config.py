@@ -532,13 +532,14 @@ def validate(config: Config) -> None:
             )
     if m.desirable_weight < 0 or m.undesirable_weight < 0:
         raise ConfigError("'method.desirable_weight' and 'method.undesirable_weight' must be >= 0.")
-    if m.name == "kto" and not 1.0 <= m.desirable_weight / max(m.undesirable_weight, 1e-12) <= 4 / 3:
+    kto_ratio = m.desirable_weight / max(m.undesirable_weight, 1e-12)
+    if m.name == "kto" and not 1.0 <= kto_ratio <= 4 / 3:
         import logging
 
         logging.getLogger("sparsealign.config").warning(
             "KTO: desirable_weight / undesirable_weight = %.3g; the KTO paper recommends a ratio in [1, 4/3] "
             "for paired data (as many desirable as undesirable examples).",
-            m.desirable_weight / max(m.undesirable_weight, 1e-12),
+            kto_ratio,
         )
     if t.warmup_steps and t.warmup_ratio:
         raise ConfigError("Give 'train.warmup_steps' or 'train.warmup_ratio', not both.")

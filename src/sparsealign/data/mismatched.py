@@ -25,7 +25,6 @@ def with_mismatched_responses(pairs: Sequence[TokenizedPair], max_length: int) -
     partner = [(i + 1) % n for i in range(n)] if n else []
     if len(set(prompts)) > 1:
         nxt = [0] * (2 * n)
-        nxt[-1] = 0
         for j in range(2 * n - 2, -1, -1):
             k = (j + 1) % n
             nxt[j] = k if prompts[k] != prompts[j % n] else nxt[j + 1]

@@ -75,6 +75,7 @@ def reference_entries(
     top_k = cfg.reference.feature_top_k
     with bundle.reference_model() as reference:
         tokens = TokenModel(reference, cfg.train.logprob_chunk, features=probe)
+        plain = TokenModel(reference, cfg.train.logprob_chunk)  # KTO's mismatched rows need no SAE codes
         for start in range(0, len(indices), size):
             chunk = list(indices[start : start + size])
             items = [pairs[i] for i in chunk]
@@ -83,7 +84,7 @@ def reference_entries(
             mm = rows = None
             if items[0].mismatched_ids is not None:  # KTO: each prompt continued by its mismatched response
                 rows = collate_mismatched(items, pad, cfg.data.padding_side).to(device)
-                mm = TokenModel(reference, cfg.train.logprob_chunk)(rows)
+                mm = plain(rows)
             b = len(items)
             for i, (index, pair) in enumerate(zip(chunk, items, strict=True)):
                 sides = (i, b + i)  # chosen, then rejected

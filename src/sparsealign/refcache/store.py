@@ -123,6 +123,10 @@ class _Split:
         o = self.tensors["logp_offsets"]
         return self.tensors["logps"][int(o[response]) : int(o[response + 1])]
 
+    def mismatched_key(self, row: int) -> int | None:
+        """The key of the mismatched response stored for pair ``row`` (None: the file has none)."""
+        return int(self.tensors["mismatched_keys"][row]) if self.has_mismatched else None
+
     def mismatched_logps(self, row: int) -> torch.Tensor:
         o = self.tensors["mismatched_offsets"]
         return self.tensors["mismatched_logps"][int(o[row]) : int(o[row + 1])]
@@ -169,22 +173,22 @@ class ReferenceCache:
         ``mismatched_ids``) no stored mismatched response or another one."""
         count = 0
         for pair in pairs:
-            key = pair_key(pair)
-            found = next(((s, s.rows[key]) for s in self.splits if key in s.rows), None)
+            found = self._locate(pair)
             if found is not None and pair.mismatched_ids is not None:
                 split, row = found
-                stored = int(split.tensors["mismatched_keys"][row]) if split.has_mismatched else None
-                if stored != sequence_key(pair.prompt_ids, pair.mismatched_ids):
+                if split.mismatched_key(row) != sequence_key(pair.prompt_ids, pair.mismatched_ids):
                     found = None
             count += found is None
         return count
 
-    def _find(self, pair: TokenizedPair) -> tuple[_Split, int]:
+    def _locate(self, pair: TokenizedPair) -> tuple[_Split, int] | None:
         key = pair_key(pair)
-        for split in self.splits:
-            row = split.rows.get(key)
-            if row is not None:
-                return split, row
+        return next(((split, split.rows[key]) for split in self.splits if key in split.rows), None)
+
+    def _find(self, pair: TokenizedPair) -> tuple[_Split, int]:
+        found = self._locate(pair)
+        if found is not None:
+            return found
         where = f" ({pair.origin})" if pair.origin else ""
         raise CacheError(
             f"The reference cache {self.folder} has no entry for a pair of this run{where}: the data changed "
@@ -223,9 +227,7 @@ class ReferenceCache:
                     "them. Rebuild it with `sparsealign cache RECIPE method.name=kto` (a KTO cache serves "
                     "DPO, IPO and cDPO too)."
                 )
-            if int(split.tensors["mismatched_keys"][row]) != sequence_key(
-                pair.prompt_ids, pair.mismatched_ids or []
-            ):
+            if split.mismatched_key(row) != sequence_key(pair.prompt_ids, pair.mismatched_ids or []):
                 raise CacheError(
                     f"The reference cache {self.folder} holds another mismatched response for a pair of this "
                     "run (the order of the pairs or data.max_length changed since it was built). Rebuild it "
