@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from train_step import _status_mb
 
-from sparsealign.config import load_config
+from sparsealign.recipes.load import load_config
 from sparsealign.data.collate import collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.methods import get_method

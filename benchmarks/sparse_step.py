@@ -17,7 +17,7 @@ import time
 import torch
 from train_step import make_batch
 
-from sparsealign.config import load_config
+from sparsealign.recipes.load import load_config
 from sparsealign.methods import get_method
 from sparsealign.models.loading import load_bundle
 from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsealign.config import load_config
+from sparsealign.recipes.load import load_config
 from sparsealign.data.collate import Batch, collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.methods import get_method

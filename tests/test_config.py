@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparsealign.config import Config, ConfigError, LoraConfig, describe, load_config
+from sparsealign.config import Config, ConfigError, LoraConfig, describe
+from sparsealign.recipes.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def test_method_shorthand():
         ("train.max_step=5", "Unknown config key 'train.max_step'. Did you mean 'max_steps'?"),
         ("trian.max_steps=5", "Unknown config key 'trian'. Did you mean 'train'?"),
         ("train.max_steps=five", "'train.max_steps': expected int, got 'five'"),
-        ("method.name=dop", "'method.name': 'dop' is not one of"),
+        ("method.name=dop", "Unknown method 'dop'"),
         ("train.batch_size=0", "must be at least 1"),
         ("nonsense", "must look like key=value"),
     ],
@@ -68,7 +69,9 @@ def test_cross_field_checks():
 
 
 def test_required_keys_exist():
-    keys = {row[0] for row in describe()}
+    from sparsealign.methods import describe_methods
+
+    keys = {row[0] for row in describe()} | {row[0].strip() for row in describe_methods()}
     required = {
         "output_dir",
         "model.name",
@@ -83,6 +86,7 @@ def test_required_keys_exist():
     }
     assert required <= keys
     assert all(row[2] for row in describe()), "every key has a help string"
+    assert all(row[2] for row in describe_methods()), "every method and option has a help string"
 
 
 def test_every_shipped_recipe_loads():

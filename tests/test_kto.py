@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from sparsealign.config import ConfigError, load_config
+from sparsealign.config import ConfigError
 from sparsealign.data.collate import collate_mismatched, collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.data.mismatched import with_mismatched_responses
@@ -24,10 +24,12 @@ from sparsealign.losses import kto_loss, kto_reference_point
 from sparsealign.methods import get_method
 from sparsealign.models.loading import load_bundle
 from sparsealign.models.logprobs import TokenModel
+from sparsealign.recipes.load import load_config
 from sparsealign.refcache import CacheError
-from sparsealign.refcache.build import cache_run
 from sparsealign.refcache.store import read_header, split_file
-from sparsealign.train.loop import step_outputs, train
+from sparsealign.train.loop import train
+from sparsealign.train.reference_cache import cache_run
+from sparsealign.train.step import step_inputs, step_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs/smoke.yaml"
@@ -128,54 +130,132 @@ def test_reference_point_by_hand_clamped_and_detached():
 def _mean_worker(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from sparsealign.methods import _mean_over_processes
+    from sparsealign.methods.kto import mean_over_processes
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    values = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-4.0])][rank]  # 3 rows and 1 row
-    results[rank] = float(_mean_over_processes(values))
+    values = [torch.tensor([1.0, 2.0, 3.0, 2.0]), torch.tensor([-4.0, 2.0])][rank]  # 2B rows: B = 2 and 1
+    results[rank] = float(mean_over_processes(values))
     dist.destroy_process_group()
 
 
 def test_reference_point_is_the_mean_over_all_processes():
-    """Rank 0 holds rows [1, 2, 3], rank 1 holds [−4]: both use (1 + 2 + 3 − 4) / 4 = 0.5 (not the mean of
-    the per-process means, 0.0), so every process trains against the same z₀."""
+    """Each process holds its batch's 2B mismatched rows: rank 0 (B = 2) the log-ratios [1, 2, 3, 2], rank 1
+    (B = 1, a short last batch) [−4, 2]. Both use (1 + 2 + 3 + 2 − 4 + 2) / 6 = 1 (not the mean of the
+    per-process means, (2 − 1) / 2 = 0.5), so every process trains against the same z₀."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_mean_worker, args=(port, results), nprocs=2)
-    assert dict(results) == {0: 0.5, 1: 0.5}
+    assert dict(results) == {0: 1.0, 1: 1.0}
+
+
+def test_reference_point_from_the_2b_mismatched_rows_by_hand():
+    """B = 2 pairs give 4 mismatched rows (chosen rows' then rejected rows', as collated). Summed log-ratios
+    over the real tokens: row 0 (−1 + 2) + (−1 + 1) = 1, row 1 −1.5 + 1 = −0.5, row 2 −1 + 3 = 2, row 3
+    −2 + 2.5 = 0.5 (rows 1-3 have one real token). z₀ = (1 − 0.5 + 2 + 0.5) / 4 = 0.75; the chosen rows
+    alone (the old layout) would give 0.25."""
+    pairs = with_mismatched_responses([TokenizedPair([1, 2], [3], [4]), TokenizedPair([5], [6, 7], [8])], 8)
+    mask = collate_mismatched(pairs, pad_id=0).response_mask
+    assert mask.tolist() == [[True, True], [True, False], [True, False], [True, False]]
+    policy = t([[-1.0, -1.0], [-1.5, 7.0], [-1.0, 5.0], [-2.0, 0.0]])
+    ref = t([[-2.0, -1.0], [-1.0, 0.0], [-3.0, 0.0], [-2.5, 0.0]])
+    assert_close(kto_reference_point(policy, ref, mask), torch.tensor(0.75))
+    from sparsealign.methods.kto import mean_over_processes
+
+    assert_close(kto_reference_point(policy, ref, mask, average=mean_over_processes), torch.tensor(0.75))
+    assert_close(kto_reference_point(policy[:2], ref[:2], mask[:2]), torch.tensor(0.25))
 
 
 # --- mismatched responses ------------------------------------------------------------------------------
 
 
-def test_mismatched_response_comes_from_the_next_other_prompt():
+def _prompt_of(pairs: list[TokenizedPair]) -> dict[int, list[int]]:
+    """The prompt each (one-token, distinct) response of ``pairs`` was written for."""
+    return {r[0]: p.prompt_ids for p in pairs for r in (p.chosen_ids, p.rejected_ids)}
+
+
+def test_mismatched_responses_follow_the_flattened_split():
+    """Flattened as TRL unpairs and the batch lays out rows: items 0-4 the chosen responses 10-14, items 5-9
+    the rejected 20-24. Each item takes the next item's response with another prompt (prompts: 1 1 2 3 3 |
+    1 1 2 3 3): 0 → 2 (12), 1 → 2, 2 → 3 (13), 3 → 5 (20), 4 → 5, 5 → 7 (22), 6 → 7, 7 → 8 (23), 8 → 0 (10),
+    9 → 0. The chosen rows of pairs 3 and 4 wrap onto a rejected response, their rejected rows onto a
+    chosen one."""
     pairs = [
-        TokenizedPair([1], [10], [0]),
-        TokenizedPair([1], [11], [0]),  # same prompt as pair 0: skipped as a partner
-        TokenizedPair([2], [12], [0]),
-        TokenizedPair([3, 3, 3], [13], [0]),
-        TokenizedPair([3, 3, 3], [14], [0]),
+        TokenizedPair([1], [10], [20]),
+        TokenizedPair([1], [11], [21]),  # same prompt as pair 0: skipped as a partner
+        TokenizedPair([2], [12], [22]),
+        TokenizedPair([3, 3, 3], [13], [23]),
+        TokenizedPair([3, 3, 3], [14], [24]),
     ]
     out = with_mismatched_responses(pairs, max_length=5)
-    assert [p.mismatched_ids for p in out] == [[12], [12], [13], [10], [10]]  # cyclic: 3 and 4 wrap to 0
-    assert [p.prompt_ids for p in out] == [p.prompt_ids for p in pairs]
+    assert [p.mismatched_ids for p in out] == [
+        ([12], [22]),
+        ([12], [22]),
+        ([13], [23]),
+        ([20], [10]),
+        ([20], [10]),
+    ]
+    written_for = _prompt_of(pairs)
+    rows = [(p.prompt_ids, r) for p in out for r in p.mismatched_ids]
+    assert all(written_for[r[0]] != prompt for prompt, r in rows)  # never the row's own prompt
+    used = {r[0] for _, r in rows}
+    assert used & {10, 11, 12, 13, 14} and used & {20, 21, 22, 23, 24}  # desirable and undesirable both
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in out] == [
+        (p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs
+    ]
     assert pairs[0].mismatched_ids is None  # copies; the input is untouched
-    longer = with_mismatched_responses(
-        [TokenizedPair([1, 2, 3], [9], [0]), TokenizedPair([4], [5, 6, 7], [0])], 5
-    )
-    assert longer[0].mismatched_ids == [5, 6]  # cut so that prompt + response fit max_length
-    one_prompt = with_mismatched_responses([TokenizedPair([1], [10], [0]), TokenizedPair([1], [11], [0])], 5)
-    assert [p.mismatched_ids for p in one_prompt] == [[11], [10]]
 
 
-def test_mismatched_rows_collate_as_prompt_plus_response():
+def test_without_repeated_prompts_the_mismatched_responses_are_all_the_responses_once():
+    """Over a split with distinct prompts the 2n mismatched responses are the n chosen and the n rejected
+    responses, each once (the same set as the rewarded ones, TRL's advice), never the row's own prompt's."""
+    pairs = [TokenizedPair([p], [10 + p], [20 + p]) for p in range(1, 6)]
+    out = with_mismatched_responses(pairs, max_length=8)
+    assert [p.mismatched_ids for p in out] == [
+        ([12], [22]),
+        ([13], [23]),
+        ([14], [24]),
+        ([15], [25]),
+        ([21], [11]),
+    ]
+    used = sorted(r[0] for p in out for r in p.mismatched_ids)
+    assert used == sorted([10 + p for p in range(1, 6)] + [20 + p for p in range(1, 6)])
+
+
+def test_mismatched_responses_are_cut_to_max_length():
+    """max_length 5. Pair 0 (prompt of 3): room for 2 tokens, [5, 6, 7] → [5, 6] and [15, 16, 17, 18] →
+    [15, 16]. Pair 1 (prompt of 1, room 4) wraps: its chosen row gets pair 0's rejected [8], its rejected row
+    pair 0's chosen [9]. A prompt that fills max_length still gets one response token."""
+    pairs = [TokenizedPair([1, 2, 3], [9], [8]), TokenizedPair([4], [5, 6, 7], [15, 16, 17, 18])]
+    out = with_mismatched_responses(pairs, max_length=5)
+    assert [p.mismatched_ids for p in out] == [([5, 6], [15, 16]), ([8], [9])]
+    full = with_mismatched_responses([TokenizedPair([1] * 5, [2], [3]), TokenizedPair([4], [5, 6], [7])], 5)
+    assert full[0].mismatched_ids == ([5], [7])
+
+
+def test_one_prompt_split_takes_the_next_item():
+    """No other prompt to borrow from: item k takes item k + 1 (items c10 c11 r20 r21); one pair alone gets
+    its own responses swapped."""
+    pairs = [TokenizedPair([1], [10], [20]), TokenizedPair([1], [11], [21])]
+    assert [p.mismatched_ids for p in with_mismatched_responses(pairs, 5)] == [([11], [21]), ([20], [10])]
+    assert with_mismatched_responses(pairs[:1], 5)[0].mismatched_ids == ([20], [10])
+    assert with_mismatched_responses([], 5) == []
+
+
+def test_mismatched_rows_collate_as_the_pairs_do():
+    """Items c[3] c[6, 7] r[4] r[8]: pair 0 gets ([6, 7], [8]), pair 1 ([4], [3]). Rows 0-1 are the chosen
+    rows' mismatches, rows 2-3 the rejected rows', each prompt continued by its response."""
     pairs = with_mismatched_responses([TokenizedPair([1, 2], [3], [4]), TokenizedPair([5], [6, 7], [8])], 8)
+    assert [p.mismatched_ids for p in pairs] == [([6, 7], [8]), ([4], [3])]
     rows = collate_mismatched(pairs, pad_id=0)
-    assert rows.input_ids.tolist() == [[1, 2, 6, 7], [5, 3, 0, 0]]
-    assert rows.response_ids.tolist() == [[6, 7], [3, 0]]
+    assert rows.num_pairs == 2
+    assert rows.input_ids.tolist() == [[1, 2, 6, 7], [5, 4, 0, 0], [1, 2, 8, 0], [5, 3, 0, 0]]
+    assert rows.response_ids.tolist() == [[6, 7], [4, 0], [8, 0], [3, 0]]
+    assert rows.response_index.tolist() == [[1, 2], [0, 0], [1, 0], [0, 0]]
+    left = collate_mismatched(pairs, pad_id=0, padding_side="left")
+    assert left.input_ids.tolist() == [[1, 2, 6, 7], [0, 0, 5, 4], [0, 1, 2, 8], [0, 0, 5, 3]]
     with pytest.raises(ValueError, match="no mismatched responses"):
         collate_mismatched([TokenizedPair([1], [2], [3])], pad_id=0)
 
@@ -204,14 +284,15 @@ def test_kto_step_uses_the_mismatched_rows_without_gradients(tmp_path):
     )
     batch = collate_pairs(pairs, bundle.tokenizer.pad_token_id)
     policy = TokenModel(bundle.policy).train()
-    out = step_outputs(policy, bundle, get_method("kto"), cfg, batch, pairs)
+    out = step_outputs(policy, step_inputs(cfg, get_method("kto"), bundle, batch, pairs))
     expected = TokenModel(bundle.policy)(collate_mismatched(pairs, bundle.tokenizer.pad_token_id))
+    assert out.mismatched_policy.logps.shape[0] == out.mismatched_reference.logps.shape[0] == 4  # 2B rows
     assert_close(out.mismatched_policy.logps, expected.logps.detach())
     assert not out.mismatched_policy.logps.requires_grad  # the reference point is detached: no graph
     assert out.policy.logps.requires_grad
     assert_close(out.mismatched_reference.logps, expected.logps.detach())  # untrained: policy = reference
     with pytest.raises(ValueError, match="pairs the batch was collated from"):
-        step_outputs(policy, bundle, get_method("kto"), cfg, batch)
+        step_outputs(policy, step_inputs(cfg, get_method("kto"), bundle, batch))
 
 
 def test_kto_trains_and_logs_the_reference_point(tmp_path):
@@ -236,7 +317,12 @@ def test_a_kto_cache_serves_dpo_and_a_dpo_cache_is_refused_for_kto(tmp_path, mon
 
     kto_cache, dpo_cache = tmp_path / "kto-cache", tmp_path / "dpo-cache"
     cache_run(smoke(tmp_path / "a", f"reference.cache={kto_cache}"))
-    assert read_header(split_file(kto_cache, "train"))["mismatched_responses"] is True
+    header = read_header(split_file(kto_cache, "train"))
+    assert header["mismatched_responses"] is True
+    from safetensors.torch import load_file
+
+    stored = load_file(str(split_file(kto_cache, "train")))
+    assert len(stored["mismatched_keys"]) == 2 * header["pairs"]  # a chosen and a rejected row per pair
     cache_run(smoke(tmp_path / "b", "method.name=dpo", f"reference.cache={dpo_cache}"))
     assert read_header(split_file(dpo_cache, "train"))["mismatched_responses"] is False
     monkeypatch.setattr(loading, "frozen_copy", lambda *a: pytest.fail("reference copied"))

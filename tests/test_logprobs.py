@@ -77,8 +77,10 @@ def test_token_kl_matches_full_vocabulary_kl():
         ref_out = TokenModel(reference)(batch, head=False)
     assert ref_out.logps is None
     out = TokenModel(policy, chunk=4)(batch, reference=ref_out, reference_head=output_head(reference))
-    # the reference log-probs come from the same reference logits as the KL
-    torch.testing.assert_close(ref_out.logps, ref_direct, atol=1e-6, rtol=1e-6)
+    # the reference log-probs come from the same reference logits as the KL, and are returned, not written
+    # into the reference's outputs
+    assert ref_out.logps is None
+    torch.testing.assert_close(out.reference_logps, ref_direct, atol=1e-6, rtol=1e-6)
     for n, (prompt, response) in enumerate(
         [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     ):

@@ -96,7 +96,7 @@ LOSSES = {
     "sft": lambda b: sft_loss(b["policy_chosen_logps"], b["mask_chosen"]),
     "kto": lambda b: kto_loss(**b, reference_point=0.25, beta=0.5),
 }
-PAIRED = ["dpo", "cdpo", "ipo", "simpo", "kto"]
+PAIRED = [name for name in LOSSES if name != "sft"]
 
 
 # --- helpers -------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsealign.config import load_config
+from sparsealign.recipes.load import load_config
 from sparsealign.errors import UserError
 from sparsealign.eval.masks_page import compute_masks, write_masks_page
 from sparsealign.train.loop import train

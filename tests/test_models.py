@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from sparsealign.config import LoraConfig, ModelConfig
 from sparsealign.models.builtins import BUILTIN_MODELS, LLAMA_CHAT_TEMPLATE
+from sparsealign.models.dtype import resolve_dtype
 from sparsealign.models.loading import (
     ModelBundle,
     ModelError,
@@ -18,7 +20,6 @@ from sparsealign.models.loading import (
     load_bundle,
     load_model,
     load_tokenizer,
-    resolve_dtype,
     save_final,
 )
 
@@ -122,6 +123,17 @@ def test_load_model_dtype_mode_and_generate(name: str) -> None:
     assert out.shape == (1, batch["input_ids"].shape[1] + 3)
     half, _ = load_model(ModelConfig(name=name, dtype="bfloat16"), seed=0)
     assert half.dtype == torch.bfloat16
+
+
+def test_resolve_dtype_is_the_one_rule() -> None:
+    assert resolve_dtype("auto", None) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert (
+        resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("float32", "cuda") == torch.float32
+    )
+    with pytest.raises(ModelError, match="Unknown dtype 'fp8'; use one of auto, float32, bfloat16, float16"):
+        resolve_dtype("fp8", "cpu")
 
 
 def test_disable_dropout() -> None:
@@ -259,6 +271,12 @@ def test_save_final_full_round_trip(name: str, tmp_path: Path) -> None:
         next(bundle.policy.parameters()).mul_(1.5)  # "trained"
     folder = save_final(bundle, tmp_path / "final", merge=False)
     assert any(folder.glob("*.safetensors"))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]} == {
+        0o777 & ~mask,
+        0o666 & ~mask,
+    }
     batch = _ids(bundle.tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert torch.allclose(_logits(reloaded, batch), _logits(bundle.policy, batch), atol=1e-6)

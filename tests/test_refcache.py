@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,13 +11,17 @@ import pytest
 import torch
 
 from sparsealign.cli import main
-from sparsealign.config import ConfigError, load_config
+from sparsealign.config import ConfigError
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.models import loading
-from sparsealign.refcache import CacheError, describe_mismatch, pair_key, weights_digest
-from sparsealign.refcache.build import cache_run, sparse_code
+from sparsealign.models.digest import weights_digest
+from sparsealign.recipes.load import load_config
+from sparsealign.refcache import CacheError, describe_mismatch, pair_key
+from sparsealign.refcache.build import sparse_code
+from sparsealign.methods import Need, cacheable_methods, get_method
+from sparsealign.train.reference_cache import cache_run
 from sparsealign.refcache.store import read_header, split_file, write_split
-from sparsealign.train import loop
+from sparsealign.train import step
 from sparsealign.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +57,13 @@ def _random_sae(folder: Path) -> Path:
 
 
 FPO = ("method.name=fpo", "sae.layer=1", "method.k=8")
+CACHE_EXTRA = {"cdpo": ["method.label_smoothing=0.1"]}
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "kto", "fpo"])
+@pytest.mark.parametrize("method", cacheable_methods())
 def test_training_from_the_cache_matches_the_live_reference(tmp_path, monkeypatch, method):
-    extra = [f"method.name={method}"]
-    if method == "fpo":
+    extra = [f"method.name={method}", *CACHE_EXTRA.get(method, ())]
+    if Need.SAE_FEATURES in get_method(method).needs:
         extra = [*FPO, f"sae.path={_random_sae(tmp_path / 'sae')}"]
     train(smoke(tmp_path / "live", *extra))
     cache = tmp_path / "cache"
@@ -68,7 +74,7 @@ def test_training_from_the_cache_matches_the_live_reference(tmp_path, monkeypatc
         raise AssertionError("a reference model was constructed or run")
 
     monkeypatch.setattr(loading, "frozen_copy", refuse)
-    monkeypatch.setattr(loop, "reference_outputs", refuse)
+    monkeypatch.setattr(step, "reference_forward", refuse)
     monkeypatch.setattr(loading.ModelBundle, "reference_model", refuse)
     train(smoke(tmp_path / "cached", *extra, f"reference.cache={cache}", "reference.build_missing=false"))
 
@@ -80,7 +86,9 @@ def test_training_from_the_cache_matches_the_live_reference(tmp_path, monkeypatc
                 assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
         if "grad_norm" in a:
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
-    at_reference = {"ipo": live[0]["loss"], "kto": 0.5}.get(method, math.log(2))  # KTO: 1 − σ(0)
+    at_reference = {"ipo": live[0]["loss"], "kto": 0.5, "kto-zero": 0.5}.get(
+        method, math.log(2)
+    )  # KTO: 1 − σ(0)
     assert live[0]["loss"] == pytest.approx(at_reference, abs=1e-3)
 
 
@@ -90,7 +98,7 @@ def test_missing_cache_is_built_before_training_then_reused(tmp_path, monkeypatc
     assert read_header(split_file(cache, "train"))["pairs"] > 0
     stamp = split_file(cache, "train").stat().st_mtime_ns
     monkeypatch.setattr(loading, "frozen_copy", lambda *a: pytest.fail("reference copied"))
-    monkeypatch.setattr(loop, "reference_outputs", lambda *a, **k: pytest.fail("reference run"))
+    monkeypatch.setattr(step, "reference_forward", lambda *a, **k: pytest.fail("reference run"))
     train(smoke(tmp_path / "b", f"reference.cache={cache}"))
     assert split_file(cache, "train").stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert losses(tmp_path / "a")[-1]["eval/loss"] == pytest.approx(losses(tmp_path / "b")[-1]["eval/loss"])
@@ -134,7 +142,7 @@ def test_an_fpo_cache_also_serves_dpo(tmp_path, monkeypatch):
     cache_run(smoke(tmp_path / "c", *FPO, f"sae.path={sae}", f"reference.cache={cache}"))
     train(smoke(tmp_path / "live"))
     monkeypatch.setattr(loading, "frozen_copy", lambda *a: pytest.fail("reference copied"))
-    monkeypatch.setattr(loop, "reference_outputs", lambda *a, **k: pytest.fail("reference run"))
+    monkeypatch.setattr(step, "reference_forward", lambda *a, **k: pytest.fail("reference run"))
     train(smoke(tmp_path / "cached", f"reference.cache={cache}", "reference.build_missing=false"))
     live, cached = losses(tmp_path / "live"), losses(tmp_path / "cached")
     assert [m.get("loss", m.get("eval/loss")) for m in live] == pytest.approx(
@@ -188,6 +196,94 @@ def test_sparse_code_and_file_round_trip(tmp_path):
     assert pair_key(pair) != pair_key(TokenizedPair([1, 2], [6], [3, 4, 5]))  # order matters
 
 
+def _kto_split(folder: Path, split: str, pairs: list[TokenizedPair], version: int, per_pair: int = 2) -> None:
+    """A split file of ``pairs`` holding ``per_pair`` mismatched rows per pair (2: the current layout, 1: the
+    old one, the chosen row's only) whose log-probs are −(10 · row + token + 1)."""
+    from sparsealign.refcache.identity import FORMAT
+    from sparsealign.refcache.store import mismatched_keys
+
+    logps = [torch.zeros(len(r)) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+    keys = [k for p in pairs for k in mismatched_keys(p)[:per_pair]]
+    rows = [r for p in pairs for r in p.mismatched_ids[:per_pair]]
+    values = [-(10.0 * n + torch.arange(len(r)) + 1) for n, r in enumerate(rows)]
+    header = {"format": FORMAT, "version": version, "split": split}
+    write_split(split_file(folder, split), header, [pair_key(p) for p in pairs], logps, None, (keys, values))
+
+
+def test_the_cache_serves_two_mismatched_rows_per_pair(tmp_path):
+    """Stored rows 2i, 2i+1: pair i's chosen and rejected rows. Served as collated: the chosen rows' first."""
+    from sparsealign.data.collate import collate_mismatched
+    from sparsealign.data.mismatched import with_mismatched_responses
+    from sparsealign.refcache.identity import FORMAT, VERSION
+    from sparsealign.refcache.store import ReferenceCache
+
+    pairs = with_mismatched_responses([TokenizedPair([1, 2], [3], [4]), TokenizedPair([5], [6, 7], [8])], 8)
+    assert [p.mismatched_ids for p in pairs] == [([6, 7], [8]), ([4], [3])]
+    for split in ("train", "eval"):
+        _kto_split(tmp_path, split, pairs, VERSION)
+    cache = ReferenceCache(tmp_path, {"format": FORMAT, "version": VERSION})
+    rows = collate_mismatched(pairs, pad_id=0)
+    out = cache.mismatched_outputs(pairs, rows)
+    # stored: 0 = pair 0's chosen row [6, 7], 1 = its rejected row [8], 2 = pair 1's chosen row [4], 3 = [3]
+    assert out.logps.tolist() == [[-1.0, -2.0], [-21.0, 0.0], [-11.0, 0.0], [-31.0, 0.0]]
+    assert torch.equal(out.mask, rows.response_mask)
+    assert cache.missing(pairs) == 0
+    moved = [pairs[0], dataclasses.replace(pairs[1], mismatched_ids=([4], [8]))]  # its rejected row changed
+    assert cache.missing(moved) == 1
+    with pytest.raises(CacheError, match="other mismatched responses"):
+        cache.mismatched_outputs(moved, collate_mismatched(moved, pad_id=0))
+
+
+def test_a_cache_of_the_old_layout_is_refused_with_how_to_rebuild_it(tmp_path):
+    """Format version 1 held one mismatched row per pair (a chosen response); such a file is refused before
+    anything is read from it, however well the rest of its header matches."""
+    from sparsealign.data.mismatched import with_mismatched_responses
+    from sparsealign.refcache.identity import FORMAT, VERSION
+    from sparsealign.refcache.store import ReferenceCache
+
+    assert VERSION == 2
+    pairs = with_mismatched_responses([TokenizedPair([1, 2], [3], [4]), TokenizedPair([5], [6, 7], [8])], 8)
+    for split in ("train", "eval"):
+        _kto_split(tmp_path, split, pairs, version=1, per_pair=1)
+    with pytest.raises(CacheError, match=r"format version 1; .* reads version 2 only\. Rebuild it"):
+        ReferenceCache(tmp_path, {"format": FORMAT, "version": VERSION})
+
+
+def test_training_refuses_a_kto_cache_of_the_old_layout(tmp_path):
+    """A KTO cache rewritten into the old layout (header version 1, one mismatched row per pair) is refused
+    by training with the rebuild command; `sparsealign cache --force` rebuilds it for this run."""
+    from safetensors.torch import load_file, save_file
+
+    from sparsealign.refcache.store import HEADER_KEY
+
+    cache = tmp_path / "cache"
+    kto = (
+        "method.name=kto",
+        "train.max_steps=1",
+        f"reference.cache={cache}",
+        "reference.build_missing=false",
+    )
+    cache_run(smoke(tmp_path / "c", *kto))
+    for split in ("train", "eval"):
+        path = split_file(cache, split)
+        header, tensors = read_header(path), load_file(str(path))
+        lengths = tensors["mismatched_offsets"].diff()
+        keep = torch.arange(0, len(lengths), 2)  # the chosen rows' rows only
+        spans = [tensors["mismatched_logps"][int(a) : int(a) + int(n)] for a, n in
+                 zip(tensors["mismatched_offsets"][keep], lengths[keep], strict=True)]  # fmt: skip
+        tensors["mismatched_keys"] = tensors["mismatched_keys"][keep]
+        tensors["mismatched_offsets"] = torch.cat(
+            [torch.zeros(1, dtype=torch.int64), lengths[keep].cumsum(0)]
+        )
+        tensors["mismatched_logps"] = torch.cat(spans)
+        save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps({**header, "version": 1})})
+    with pytest.raises(CacheError, match=r"cache format version 1.*sparsealign cache --force"):
+        train(smoke(tmp_path / "r", *kto))
+    assert cache_run(smoke(tmp_path / "c", *kto), force=True) == (cache, True)
+    assert read_header(split_file(cache, "train"))["version"] == 2
+    assert cache_run(smoke(tmp_path / "c", *kto)) == (cache, False)  # up to date, both rows of every pair
+
+
 def test_mismatch_description_and_lora_digest():
     found = {"model": {"weights": "a", "dtype": "float32"}, "pairs": 3, "sae": {"layer": 1}}
     run = {"model": {"weights": "b", "dtype": "float32"}, "pairs": 9, "sae": None}
@@ -204,6 +300,25 @@ def test_mismatch_description_and_lora_digest():
     with torch.no_grad():
         next(plain.parameters()).add_(1e-3)
     assert weights_digest(plain) != digest
+
+
+def test_sae_identity_names_site_layer_and_pooling_positions():
+    from sparsealign.refcache.identity import sae_identity
+    from sparsealign.sae import SparseAutoencoder
+    from sparsealign.sae.probe import FeatureProbe
+
+    sae = SparseAutoencoder(64, 96, "relu")
+    response = sae_identity(FeatureProbe(sae, "resid_post", 1, "response"))
+    predicting = sae_identity(FeatureProbe(sae, "resid_post", 1, "predicting"))
+    assert (
+        response["site"] == "resid_post"
+        and response["layer"] == 1
+        and response["weights"] == weights_digest(sae)
+    )
+    assert describe_mismatch({"sae": response}, {"sae": predicting}) == [
+        "sae.positions: cache 'response', run 'predicting'"
+    ]
+    assert sae_identity(None) is None
 
 
 def test_cache_command(tmp_path, capsys):

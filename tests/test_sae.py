@@ -1,4 +1,5 @@
-"""Pretrained-SAE loading (SAELens flat / 6.x, Gemma Scope npz, sparsify), SAE math, and hook sites."""
+"""Pretrained-SAE loading (SAELens flat / 6.x, Gemma Scope npz, sparsify) and the format registry, SAE math,
+hook sites, and the feature probe (pooling positions, ``build_feature_probe``)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,20 @@ from safetensors.torch import save_file
 
 from sparsealign.errors import UserError
 from sparsealign.sae import (
+    FeatureProbe,
     SAEError,
+    SAEFormat,
     SparseAutoencoder,
+    available_formats,
+    build_feature_probe,
     capture_site,
     load_sae,
     parse_gemma_scope_path,
+    register_format,
+    save_sae,
     site_module,
 )
+from sparsealign.sae.formats import get_format
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 D_IN, D_SAE = 8, 16
@@ -384,3 +392,195 @@ def test_hook_errors():
         site_module(model, "resid_post", 2)
     with pytest.raises(ValueError, match="out of range"), capture_site(model, "mlp_out", -1):
         pass
+
+
+# -- the format registry ------------------------------------------------------------------------------
+
+
+def test_every_module_of_the_formats_package_registers_its_format():
+    import pkgutil
+
+    from sparsealign.sae import formats
+
+    names = {fmt.name for fmt in available_formats()}
+    assert names == {"saelens", "gemma_scope", "sparsify"}
+    modules = {m.name for m in pkgutil.iter_modules(formats.__path__)} - {"common"}
+    assert modules == names, "a format module that registers nothing, or a format without its module"
+    assert get_format("saelens").save is not None and get_format("gemma_scope").save is None
+    with pytest.raises(SAEError, match=r"unknown SAE format 'npz'.*gemma_scope"):
+        get_format("npz")
+
+
+def _toy_format():
+    """A format for one test: ``toy.json`` holding ``{"d": D}``, loaded as a ReLU SAE, identity encoder."""
+
+    def detect(path: Path) -> bool:
+        file = path if path.is_file() else path / "toy.json"
+        return file.name == "toy.json" and file.is_file()
+
+    def load(path: Path, *, d_in, dtype, device) -> SparseAutoencoder:
+        file = path if path.is_file() else path / "toy.json"
+        d = json.loads(file.read_text())["d"]
+        sae = SparseAutoencoder(d, d, dtype=dtype or torch.float32, device=device)
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.eye(d))
+        sae.metadata.format = "toy"
+        return sae
+
+    return SAEFormat("toy", "toy.json", detect, load)
+
+
+def test_a_registered_format_is_detected_by_load_sae(tmp_path, monkeypatch):
+    from sparsealign.sae import formats
+
+    toy = _toy_format()
+    monkeypatch.setitem(formats._REGISTRY, "toy", toy)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "toy.json").write_text('{"d": 3}')
+    for target in (tmp_path / "toy", tmp_path / "toy" / "toy.json"):
+        sae = load_sae(target, dtype=torch.float64)
+        assert sae.format == "toy" and sae.dtype == torch.float64
+        assert torch.equal(sae.encode(torch.tensor([1.0, -2.0, 3.0])), torch.tensor([1.0, 0.0, 3.0]).double())
+    with pytest.raises(ValueError, match="already registered"):
+        register_format(SAEFormat("toy", "other", toy.detect, lambda path, **_: None))
+    assert register_format(toy) is toy  # the same format again (a module reload) is fine
+    with pytest.raises(SAEError, match=r"'toy' cannot be written \(writable: saelens\)"):
+        save_sae(SparseAutoencoder(2, 2), tmp_path / "out", format="toy")
+    # A folder that two formats claim is refused rather than read by whichever comes first.
+    _write_saelens(tmp_path / "toy", _weights(), _flat_cfg())
+    with pytest.raises(SAEError, match=r"matches several SAE formats \(saelens, toy\)"):
+        load_sae(tmp_path / "toy")
+    # Errors list every registered format's files.
+    with pytest.raises(SAEError, match=r"not an SAE folder.*toy\.json \(toy\)"):
+        load_sae(tmp_path)
+
+
+def test_save_sae_is_the_saelens_writer(tmp_path):
+    sae = SparseAutoencoder(D_IN, D_SAE)
+    assert save_sae(sae, tmp_path / "a") == tmp_path / "a"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert load_sae(tmp_path / "a").format == "saelens"
+
+
+def test_sparsify_repository_folder_lists_its_hookpoints(tmp_path):
+    for name in ("layers.0", "layers.1"):
+        (tmp_path / "repo" / name).mkdir(parents=True)
+        (tmp_path / "repo" / name / "cfg.json").write_text(json.dumps({"expansion_factor": 2, "k": 4}))
+    with pytest.raises(SAEError, match=r"one SAE per hookpoint \(layers.0, layers.1\)"):
+        load_sae(tmp_path / "repo")
+    with pytest.raises(SAEError, match=r"sparsify cfg.json but no weights file sae.safetensors"):
+        load_sae(tmp_path / "repo" / "layers.0")
+    (tmp_path / "file.bin").write_bytes(b"")
+    with pytest.raises(SAEError, match=r"file.bin is not a known SAE file.*params.npz \(gemma_scope\)"):
+        load_sae(tmp_path / "file.bin")
+
+
+# -- the feature probe --------------------------------------------------------------------------------
+
+
+def _position_probe(width: int, positions: str) -> FeatureProbe:
+    """A probe whose SAE is the identity (ReLU, W_enc = I): its codes are its input."""
+    sae = SparseAutoencoder(width, width)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(width))
+    return FeatureProbe(sae, "resid_post", 0, positions=positions)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_probe_pools_over_the_response_or_the_predicting_positions(padding_side):
+    from sparsealign.data.collate import collate_sequences
+
+    # Row 0: prompt [BOS, 5, 6] and response [7, 8, EOS] -> positions 0..5 (right padding).
+    # Row 1: prompt [BOS, 9] and response [10, EOS]      -> positions 0..3, then 2 pads (right).
+    batch = collate_sequences([[1, 5, 6], [1, 9]], [[7, 8, 2], [10, 2]], pad_id=0, padding_side=padding_side)
+    n, length = batch.input_ids.shape
+    assert (n, length) == (2, 6)
+    # The activation at input position p is the one-hot vector e_p: the pooled code shows which positions
+    # were averaged, and with what weight.
+    activations = torch.eye(length).expand(n, length, length).clone()
+    shift = 2 if padding_side == "left" else 0  # row 1 starts 2 positions later under left padding
+    expected = {
+        # the response tokens' own positions (today's default): 3, 4, 5 and 2, 3
+        "response": [[3, 4, 5], [2 + shift, 3 + shift]],
+        # the positions predicting them (the released FPO code): the last prompt token in, the EOS out
+        "predicting": [[2, 3, 4], [1 + shift, 2 + shift]],
+    }
+    for positions, rows in expected.items():
+        pooled = _position_probe(length, positions).pooled(activations, batch)
+        want = torch.zeros(n, length)
+        for row, kept in enumerate(rows):
+            want[row, kept] = 1.0 / len(kept)
+        torch.testing.assert_close(pooled, want, msg=positions)
+    assert FeatureProbe(SparseAutoencoder(2, 2), "resid_post", 0).positions == "response"
+    with pytest.raises(ValueError, match="unknown pooling positions 'prompt'"):
+        FeatureProbe(SparseAutoencoder(2, 2), "resid_post", 0, positions="prompt")
+
+
+def test_probe_inside_a_forward_reads_the_hidden_states_at_its_positions():
+    from sparsealign.data.collate import collate_sequences
+
+    model = tiny_llama()
+    batch = collate_sequences([[1, 5, 6], [1, 9]], [[7, 8, 2], [10, 2]], pad_id=0)
+    sae = SparseAutoencoder(64, 32, "relu")
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    with torch.no_grad():
+        hidden = model(batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    h = hidden.hidden_states[1]  # the output of block 0 = resid_post of layer 0
+    for positions, index in (("response", [[3, 4, 5], [2, 3]]), ("predicting", [[2, 3, 4], [1, 2]])):
+        probe = FeatureProbe(sae, "resid_post", 0, positions=positions)
+        with torch.no_grad(), probe.capture(model) as captured:
+            model(batch.input_ids, attention_mask=batch.attention_mask)
+            pooled = probe.pooled(captured["activations"], batch)
+        want = torch.stack([sae.encode(h[row, kept]).mean(0) for row, kept in enumerate(index)])
+        torch.testing.assert_close(pooled, want)
+
+
+def test_build_feature_probe_checks_the_sae_against_the_model(tmp_path):
+    from sparsealign.config import SAEConfig
+    from sparsealign.errors import TrainingError
+
+    model = tiny_llama()
+    sae = SparseAutoencoder(64, 32)
+    sae.metadata.site, sae.metadata.layer = "resid_post", 1
+    folder = sae.save(tmp_path / "sae")
+    probe = build_feature_probe(SAEConfig(path=str(folder)), model, "cpu", positions="predicting")
+    assert (probe.site, probe.layer, probe.positions, probe.sae.d_sae) == ("resid_post", 1, "predicting", 32)
+    assert not any(p.requires_grad for p in probe.parameters())
+    assert build_feature_probe(SAEConfig(path=str(folder), layer=0), model, "cpu").layer == 0
+    with pytest.raises(TrainingError, match=r"sae.site=resid_post sae.layer=7: .*out of range"):
+        build_feature_probe(SAEConfig(path=str(folder), layer=7), model, "cpu")
+    sae.metadata.layer = None
+    with pytest.raises(TrainingError, match="records no layer: set sae.layer"):
+        build_feature_probe(SAEConfig(path=str(sae.save(tmp_path / "nolayer"))), model, "cpu")
+    with pytest.raises(SAEError, match=r"d_in=32.*width 64"):
+        build_feature_probe(SAEConfig(path=str(SparseAutoencoder(32, 8).save(tmp_path / "w"))), model, "cpu")
+    with pytest.raises(SAEError, match="set sae.path"):
+        build_feature_probe(SAEConfig(), model, "cpu")
+
+
+def test_build_feature_probe_builds_a_missing_builtin_once_and_says_so(tmp_path, monkeypatch, caplog):
+    from sparsealign.config import SAEConfig
+    from sparsealign.sae import builtins, probe
+
+    monkeypatch.setenv("SPARSEALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(builtins.BUILTIN_SAES, "tiny-sae", builtins.BuiltinSAE("tiny-sae", "test", None))
+    built = []
+
+    def fake_ensure(name: str) -> Path:  # stands in for the training run (tested in test_sae_train.py)
+        built.append(name)
+        sae = SparseAutoencoder(64, 16)
+        sae.metadata.site, sae.metadata.layer = "resid_post", 0
+        return sae.save(builtins.builtin_sae_folder(name))
+
+    monkeypatch.setattr(probe, "ensure_builtin_sae", fake_ensure)
+    model = tiny_llama()
+    with caplog.at_level("WARNING", logger="sparsealign.sae.probe"):
+        first = build_feature_probe(SAEConfig(path="tiny-sae"), model, "cpu")
+    assert built == ["tiny-sae"] and "sparsealign sae train --builtin tiny-sae" in caplog.text
+    assert first.sae.metadata.source == str(tmp_path / "cache" / "saes" / "tiny-sae")
+    caplog.clear()
+    second = build_feature_probe(SAEConfig(path="tiny-sae"), model, "cpu")
+    assert built == ["tiny-sae"] and not caplog.text, "cached: resolved, not built again"
+    assert second.layer == 0

@@ -13,9 +13,9 @@ from sparsealign.errors import UserError
 from sparsealign.models.builtins import build_tiny_llama
 from sparsealign.sae import builtins as sae_builtins
 from sparsealign.sae import load_sae
-from sparsealign.sae import train as sae_train
+from sparsealign.sae.hooks import run_to_site
 from sparsealign.sae.model import SAEMetadata, SparseAutoencoder
-from sparsealign.sae.train import (
+from sparsealign.sae.training import (
     ActivationStream,
     SAETrainConfig,
     TopKSAETrainer,
@@ -29,12 +29,12 @@ from sparsealign.sae.train import (
     normalized_mse,
     pad_right,
     resolve_prefix,
-    run_to_site,
     site_activations,
     tokenize_documents,
     topk_encode,
     train_sae,
 )
+from sparsealign.sae.training import run as sae_train_run
 
 BOS, PAD = 256, 257  # tiny-random-llama's byte tokenizer: <s> added in front, </s> is EOS and pad
 
@@ -436,39 +436,54 @@ def test_bad_input_is_a_clear_user_error(tmp_path):
 # -- built-ins ----------------------------------------------------------------------------------------
 
 
-def test_builtin_sae_trains_once_into_the_cache_and_atomically(tmp_path, monkeypatch):
+def test_builtin_sae_is_resolved_never_trained_by_loading_and_built_once_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEALIGN_CACHE", str(tmp_path / "cache"))
     source = _write_jsonl(tmp_path / "docs.jsonl", _texts(120, seed=2))
     entry = sae_builtins.BuiltinSAE("tiny-test-sae", "test", lambda: _tiny_config(source, tokens=1024))
     monkeypatch.setitem(sae_builtins.BUILTIN_SAES, "tiny-test-sae", entry)
     saes = tmp_path / "cache" / "saes"
 
+    # Not built: resolving says how to build it, and load_sae (files only) refuses the name; neither trains.
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(sae_train_run, "train_sae", no_training)
+    with pytest.raises(UserError, match=r"not built yet.*sparsealign sae train --builtin tiny-test-sae"):
+        sae_builtins.resolve_builtin_sae("tiny-test-sae")
+    with pytest.raises(UserError, match=r"built-in SAE name, not a path.*resolve_builtin_sae"):
+        load_sae("tiny-test-sae")
+    with pytest.raises(UserError, match="did you mean 'tiny-test-sae'"):
+        sae_builtins.resolve_builtin_sae("tiny-test-sea")
+    with pytest.raises(UserError, match="did you mean 'tiny-test-sae'"):
+        sae_builtins.ensure_builtin_sae("tiny-test-sea")
+    monkeypatch.undo()
+
     # An interrupted training leaves nothing behind.
+    monkeypatch.setenv("SPARSEALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sae_builtins.BUILTIN_SAES, "tiny-test-sae", entry)
+
     def boom(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sae_train, "evaluate_sae", boom)
+    monkeypatch.setattr(sae_train_run, "evaluate_sae", boom)
     with pytest.raises(KeyboardInterrupt):
-        load_sae("tiny-test-sae")
+        sae_builtins.ensure_builtin_sae("tiny-test-sae")
     assert not saes.exists() or not list(saes.iterdir())
     monkeypatch.undo()
 
     monkeypatch.setenv("SPARSEALIGN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sae_builtins.BUILTIN_SAES, "tiny-test-sae", entry)
-    sae = load_sae("tiny-test-sae")
+    folder = sae_builtins.ensure_builtin_sae("tiny-test-sae")
+    assert folder == saes / "tiny-test-sae" == sae_builtins.resolve_builtin_sae("tiny-test-sae")
+    sae = load_sae(folder)
     assert isinstance(sae, SparseAutoencoder) and sae.layer == 1 and sae.d_sae == 128
     assert sorted(p.name for p in saes.iterdir()) == ["tiny-test-sae"]
-    assert (saes / "tiny-test-sae" / "metrics.json").is_file()
+    assert (folder / "metrics.json").is_file()
 
-    # Cached: a second load does not train again.
-    def no_training(*_args, **_kwargs):
-        raise AssertionError("trained again")
-
-    monkeypatch.setattr(sae_train, "train_sae", no_training)
-    again = load_sae("tiny-test-sae")
-    torch.testing.assert_close(again.W_dec, sae.W_dec)
-    with pytest.raises(UserError, match="did you mean 'tiny-test-sae'"):
-        sae_builtins.ensure_builtin_sae("tiny-test-sea")
+    # Cached: ensuring it again does not train again.
+    monkeypatch.setattr(sae_train_run, "train_sae", no_training)
+    assert sae_builtins.ensure_builtin_sae("tiny-test-sae") == folder
+    torch.testing.assert_close(load_sae(folder).W_dec, sae.W_dec)
 
 
 def test_smollm2_builtin_is_registered():

@@ -1,10 +1,11 @@
 """The ``sparsealign`` command line.
 
-``sparsealign train [RECIPE] [key=value ...]`` trains; with no recipe it runs the embedded default,
-``configs/imdb/sparsepo.yaml``. ``sparsealign cache RECIPE`` stores a recipe's reference outputs (the
-offline reference cache). ``sparsealign config [RECIPE] [key=value ...]`` prints the resolved config
-(``--keys`` lists every key with its help). Heavy libraries are imported only inside the commands, so
-``sparsealign --help`` answers at once.
+``sparsealign train [RECIPE] [key=value ...]`` trains; with no recipe it runs the default,
+``imdb/sparsepo``. A RECIPE is a YAML file or the name of a built-in recipe (``smoke``, ``imdb/dpo``;
+``sparsealign recipes`` lists them, see :mod:`sparsealign.recipes`). ``sparsealign cache RECIPE`` stores a
+recipe's reference outputs (the offline reference cache). ``sparsealign config [RECIPE] [key=value ...]``
+prints the resolved config (``--keys`` lists every key with its help). Heavy libraries are imported only
+inside the commands, so ``sparsealign --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_RECIPE = "configs/imdb/sparsepo.yaml"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from sparsealign.recipes import (
+    DEFAULT_RECIPE,
+    RECIPES_DIR,
+    builtin_recipes,
+    recipe_description,
+    resolve_recipe,
+)
 
 COMMANDS = {
     "train": "Train a policy with a recipe (default: SparsePO on IMDB with SmolLM2, fully offline).",
@@ -23,27 +29,20 @@ COMMANDS = {
     "cache": "Run the reference once over a recipe's data and store its outputs (training then runs none).",
     "masks": "Write an HTML page colouring response tokens by their SparsePO/MaPO reward and KL masks.",
     "sae": "Sparse autoencoders: `sae train` trains a TopK SAE on a model's activations (or a built-in).",
+    "recipes": "List the built-in recipes (run one by name: sparsealign train NAME) with their descriptions.",
 }
+RECIPE_HELP = (
+    f"A YAML recipe file or a built-in recipe's name (`sparsealign recipes` lists them; default: "
+    f"{DEFAULT_RECIPE}), then dotted key=value overrides."
+)
 
 
-def resolve_recipe(recipe: str | None) -> Path:
-    """A recipe path as given, else relative to the repository's ``configs/`` folder."""
-    name = recipe or DEFAULT_RECIPE
-    for candidate in (Path(name), REPO_ROOT / name, REPO_ROOT / "configs" / name):
-        if candidate.is_file():
-            return candidate
-    from sparsealign.config import ConfigError
-
-    raise ConfigError(
-        f"Recipe '{name}' not found (looked in the current folder and {REPO_ROOT / 'configs'})."
-    )
-
-
-def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """The first argument is the recipe unless it is an override (contains '=')."""
+def _split_args(args: list[str]) -> tuple[Path, list[str]]:
+    """The recipe file and the overrides: the first argument is the recipe (a file or a built-in name) unless
+    it is an override (contains '='); without one, the default recipe."""
     if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
+        return resolve_recipe(args[0]), args[1:]
+    return resolve_recipe(DEFAULT_RECIPE), args
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -57,11 +56,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sparsealign.config import load_config
-
     recipe, overrides = _split_args(args.args)
-    config = load_config(resolve_recipe(recipe), overrides)
-    from sparsealign.train.loop import train
+    from sparsealign.recipes.load import load_config
+
+    config = load_config(recipe, overrides)
+    from sparsealign.api import train
 
     result = train(config)
     if result.interrupted:
@@ -76,29 +75,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from sparsealign.config import Config, describe, load_config, to_dict
+    from sparsealign.config import Config, describe, to_dict
+    from sparsealign.methods import describe_methods
+    from sparsealign.recipes.load import load_config
 
     if args.keys:
         for key, default, text in describe(Config):
+            if key != "method.name":
+                print(f"{key:28s} {default:22s} {text}")
+        print("\nmethod.name: one of these methods, with its own method.* options")
+        for key, default, text in describe_methods():
             print(f"{key:28s} {default:22s} {text}")
         return 0
     import yaml
 
     recipe, overrides = _split_args(args.args)
-    config = load_config(resolve_recipe(recipe), overrides)
+    config = load_config(recipe, overrides)
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from sparsealign.config import load_config
-
     recipe, overrides = _split_args(args.args)
-    config = load_config(resolve_recipe(recipe), overrides)
-    from sparsealign.refcache.build import cache_run
+    from sparsealign.recipes.load import load_config
+
+    config = load_config(recipe, overrides)
+    from sparsealign.train.reference_cache import cache_run
 
     folder, built = cache_run(config, force=args.force)
     print(f"{'Wrote' if built else 'Up to date:'} {folder}; train with reference.cache={folder}")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    for name in builtin_recipes():
+        print(f"{name:28s} {recipe_description(name)}")
+    print(f"\nThe files are in {RECIPES_DIR} (accelerate launch configs in {RECIPES_DIR / 'accelerate'}).")
     return 0
 
 
@@ -135,7 +147,7 @@ _SAE_TRAIN_OPTIONS = {
 def _cmd_sae_train(args: argparse.Namespace) -> int:
     import json
 
-    from sparsealign.sae.formats import SAEError
+    from sparsealign.errors import SAEError
 
     given = {field: getattr(args, dest) for dest, field in _SAE_TRAIN_OPTIONS.items()}
     given = {field: value for field, value in given.items() if value is not None}
@@ -143,14 +155,14 @@ def _cmd_sae_train(args: argparse.Namespace) -> int:
         if given or args.out:
             raise SAEError("sae train --builtin takes no other training options and no --out")
         from sparsealign.sae.builtins import ensure_builtin_sae
-        from sparsealign.sae.train import METRICS_FILE
+        from sparsealign.sae.training import METRICS_FILE
 
         folder = ensure_builtin_sae(args.builtin, refresh=True)
         metrics = json.loads((folder / METRICS_FILE).read_text())
     else:
         if not args.out:
             raise SAEError("sae train needs --out DIR (or --builtin NAME)")
-        from sparsealign.sae.train import SAETrainConfig, train_sae
+        from sparsealign.sae.training import SAETrainConfig, train_sae
 
         result = train_sae(SAETrainConfig(**given), args.out)
         folder, metrics = result.folder, result.metrics
@@ -167,23 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsealign",
         description="Sparse preference optimisation and the DPO family for language models.",
-        epilog="Example: sparsealign train configs/imdb/dpo.yaml method.beta=0.2 train.max_steps=50",
+        epilog="Example: sparsealign train imdb/dpo method.beta=0.2 train.max_steps=50",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     train = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
-    train.add_argument(
-        "args", nargs="*", metavar="[RECIPE] [key=value ...]", help="A YAML recipe and dotted overrides."
-    )
+    train.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]", help=RECIPE_HELP)
     train.set_defaults(func=_cmd_train)
     config = sub.add_parser("config", help=COMMANDS["config"], description=COMMANDS["config"])
-    config.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
+    config.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]", help=RECIPE_HELP)
     config.add_argument("--keys", action="store_true", help="List every key, its default and its meaning.")
     config.set_defaults(func=_cmd_config)
     cache = sub.add_parser("cache", help=COMMANDS["cache"], description=COMMANDS["cache"])
-    cache.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
+    cache.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]", help=RECIPE_HELP)
     cache.add_argument("--force", action="store_true", help="Rebuild even a cache that exists.")
     cache.set_defaults(func=_cmd_cache)
+    recipes = sub.add_parser("recipes", help=COMMANDS["recipes"], description=COMMANDS["recipes"])
+    recipes.set_defaults(func=_cmd_recipes)
     masks = sub.add_parser("masks", help=COMMANDS["masks"], description=COMMANDS["masks"])
     masks.add_argument("run", help="A run folder of a sparsepo or mapo run.")
     masks.add_argument("--n", type=int, default=8, help="Number of held-out pairs to show.")
@@ -194,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="Train a TopK SAE (Gao et al. 2024) on activations streamed from a model.",
         description="Train a TopK SAE (Gao et al. 2024) on activations streamed from a model; unset "
-        "options take the defaults of sparsealign.sae.train.SAETrainConfig (see docs/sae.md).",
+        "options take the defaults of sparsealign.sae.training.SAETrainConfig (see docs/sae.md).",
         epilog="Examples: sparsealign sae train --model smollm2-135m-instruct --site resid_post --layer 20 "
         "--width 4608 --k 32 --source imdb --tokens 2000000 --out DIR;  "
         "sparsealign sae train --builtin smollm2-135m-instruct-imdb",

@@ -25,11 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sparsealign.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A recipe or override that does not fit the configuration schema."""
+from sparsealign.errors import ConfigError
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -127,83 +123,22 @@ class RewardConfig:
     batch_size: int = _help("Texts per scoring batch.", default=64)
 
 
-MASK_MODELS = ("simple_all", "simple_last", "mlp_all", "mlp_last", "random")
-
-
 @dataclass
-class MethodConfig:
-    name: Literal[
-        "dpo", "cdpo", "ipo", "simpo", "sft", "tdpo1", "tdpo2", "sparsepo", "mapo", "fpo", "kto"
-    ] = _help("Training objective.", default="dpo")
-    beta: float = _help(
-        "Inverse temperature (DPO, cDPO, SimPO, TDPO, SparsePO, MaPO, FPO, KTO) or tau (IPO).", default=0.1
-    )
-    label_smoothing: float = _help(
-        "cDPO: assumed probability that a preference label is flipped.", default=0.0
-    )
-    gamma: float = _help("SimPO target reward margin.", default=0.5)
-    alpha: float = _help(
-        "TDPO2: weight of the token-KL term; FPO: weight of the feature-distance term.", default=0.5
-    )
-    shared_mask: bool = _help(
-        "SparsePO: one mask network for reward and KL ('sparse-common'); false: two ('sparse-indp').",
-        default=True,
-    )
-    mask_model: Literal["simple_all", "simple_last", "mlp_all", "mlp_last", "random"] = _help(
-        "SparsePO mask network on the reference's hidden states.", default="simple_all"
-    )
-    l1_reward: float = _help("SparsePO: L1 weight on the reward mask values.", default=0.0)
-    l1_kl: float = _help("SparsePO: L1 weight on the KL mask values.", default=0.0)
-    mask_weight_decay: float = _help(
-        "SparsePO: AdamW weight decay of the mask networks' weights.", default=0.01
-    )
-    activations: str = _help(
-        "MaPO: activation types for the mask, comma-separated from mlp, attn, resid, logits; or all, or uniform.",
-        default="all",
-    )
-    k: int = _help("FPO: size of the top-k feature index set.", default=50)
-    index_set: Literal["reference", "policy", "union"] = _help(
-        "FPO: whose top-k features are constrained: the reference's, the policy's, or their union.",
-        default="reference",
-    )
-    stop_grad_chosen: bool = _help(
-        "FPO: stop the gradient through the chosen response's feature distance.", default=True
-    )
-    desirable_weight: float = _help("KTO: weight of the desirable (chosen) examples' losses.", default=1.0)
-    undesirable_weight: float = _help(
-        "KTO: weight of the undesirable (rejected) examples' losses.", default=1.0
+class MethodOptions:
+    """The ``method:`` section. Each method in ``sparsealign.methods`` subclasses this with its own options
+    (a dataclass with defaults and help); the recipe loader builds the subclass that ``name`` selects, so a
+    key that the chosen method does not have is an error, never silently ignored."""
+
+    name: str | None = _help(
+        "Training method: a registered name (`sparsealign config --keys` lists them with their options), "
+        "or a user-defined one as path/to/file.py:name or package.module:name; null: the registry's default.",
+        default=None,
     )
 
 
-# Which method uses which method.* field; a field changed from its default for a method that does not use it
-# is refused rather than silently ignored.
-METHOD_FIELDS = {
-    "label_smoothing": {"dpo", "cdpo"},
-    "gamma": {"simpo"},
-    "alpha": {"tdpo2", "fpo"},
-    "k": {"fpo"},
-    "index_set": {"fpo"},
-    "stop_grad_chosen": {"fpo"},
-    "desirable_weight": {"kto"},
-    "undesirable_weight": {"kto"},
-    "shared_mask": {"sparsepo"},
-    "mask_model": {"sparsepo"},
-    "l1_reward": {"sparsepo"},
-    "l1_kl": {"sparsepo"},
-    "mask_weight_decay": {"sparsepo"},
-    "activations": {"mapo"},
-}
-
-# The option names of the SparsePO paper's code, accepted with a note: alias -> (our key, value conversion).
-ALIASES: dict[str, tuple[str, Any]] = {
-    "method.rw_kl_independent": ("method.shared_mask", lambda independent: not independent),
-    "method.l1_norm_param_u": ("method.l1_reward", lambda v: v),
-    "method.l1_norm_param_d": ("method.l1_kl", lambda v: v),
-    "method.activation_hook": ("method.activations", lambda v: v),
-    "method.pref_optim": ("method.name", lambda v: {"sparse": "sparsepo"}.get(v, v)),
-}
-# Accepted only with the single value our implementation has (anything else would silently differ).
-FIXED_ALIASES = {"method.activation_mapping": "zn_rescale"}
+# The SparsePO code's generic option name for the method, accepted with a note. Method-specific aliases are
+# declared by each method (``Method.aliases``).
+NAME_ALIASES = ("pref_optim",)
 
 
 @dataclass
@@ -227,7 +162,8 @@ class ReferenceConfig:
 
     cache: str | None = _help(
         "A reference cache folder (written by `sparsealign cache`): training then runs no reference model. "
-        "Needs a method that uses only reference log-probs (and pooled SAE codes): dpo, cdpo, ipo, fpo.",
+        "Only for methods whose needs a cache provides (reference log-probs, pooled SAE codes, mismatched "
+        "rows); `sparsealign config --keys` marks them.",
         default=None,
     )
     build_missing: bool = _help(
@@ -300,7 +236,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodOptions = field(default_factory=MethodOptions)
     sae: SAEConfig = field(default_factory=SAEConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -370,7 +306,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"'{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def build_section(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """A dataclass ``cls`` from a mapping, every value type-checked; unknown keys name the closest valid one."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -380,6 +317,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"Unknown config key '{full}'.{_suggest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
+
+
+_build = build_section
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -399,9 +339,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _check_path(dotted: str) -> None:
-    """Fail early, with a suggestion, on an override whose key does not exist."""
-    if dotted in ALIASES or dotted in FIXED_ALIASES:
-        return
+    """Fail early, with a suggestion, on an override whose key does not exist. ``method.*`` keys depend on
+    the chosen method and are checked when the method section is built."""
     cls: Any = Config
     walked = []
     for part in dotted.split("."):
@@ -411,6 +350,8 @@ def _check_path(dotted: str) -> None:
             full = f"{where}.{part}" if where else part
             raise ConfigError(f"Unknown config key '{full}'.{_suggest(part, list(hints))}")
         walked.append(part)
+        if walked == ["method"]:
+            return
         tp = hints[part]
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
         cls = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
@@ -431,86 +372,43 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A recipe as a nested dict. ``base: other.yaml`` (relative to the recipe) inherits another recipe,
-    whose sections this one updates key by key."""
-    if not path.is_file():
-        raise ConfigError(f"Recipe '{path}' not found.")
-    if path.resolve() in seen:
-        raise ConfigError(f"Recipe '{path}' inherits itself through 'base'.")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"Recipe '{path}' is not valid YAML: {error}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"Recipe '{path}' must be a mapping of sections.")
-    tree = loaded or {}
-    base = tree.pop("base", None)
-    if base is None:
-        return tree
-    return _merge(read_recipe(path.parent / str(base), (*seen, path.resolve())), tree)
-
-
-def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (optional), apply dotted overrides, validate, and return a :class:`Config`."""
-    tree: dict[str, Any] = read_recipe(Path(recipe)) if recipe is not None else {}
-    for text in overrides or []:
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``tree`` (a recipe as nested dicts) with dotted ``key=value`` overrides applied; ``method=NAME`` is
+    shorthand for ``method.name=NAME``."""
+    for text in overrides:
         key, value = parse_override(text)
         if key == "method" and isinstance(value, str):
-            key = "method.name"  # `method=kto` is shorthand for `method.name=kto`
+            key = "method.name"
         _set_dotted(tree, key, value)
-    _apply_aliases(tree)
-    config = _build(Config, tree)
+    return tree
+
+
+def build_config(
+    tree: dict[str, Any], build_method: typing.Callable[[dict[str, Any]], MethodOptions]
+) -> Config:
+    """A :class:`Config` from a recipe tree. ``build_method`` turns the ``method`` section into the chosen
+    method's options (the method registry provides it: this layer knows no method)."""
+    tree = dict(tree)
+    section = tree.pop("method", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"'method' is a section; give a mapping (e.g. method.name=dpo), not {section!r}.")
+    for alias in NAME_ALIASES:
+        if alias in section:
+            value = section.pop(alias)
+            import logging
+
+            logging.getLogger("sparsealign.config").info(
+                "config: method.%s=%r is the SparsePO code's name; using method.name", alias, value
+            )
+            section["name"] = value
+    config = build_section(Config, tree)
+    config.method = build_method(section)
     validate(config)
     return config
 
 
-def _apply_aliases(tree: dict[str, Any]) -> None:
-    """Rewrite the SparsePO code's option names to ours, logging a note for each."""
-    import logging
-
-    method = tree.get("method")
-    if not isinstance(method, dict):
-        return
-    log = logging.getLogger("sparsealign.config")
-    for alias, fixed in FIXED_ALIASES.items():
-        key = alias.split(".", 1)[1]
-        if key in method:
-            value = method.pop(key)
-            if value != fixed:
-                raise ConfigError(f"'{alias}' supports only '{fixed}' (the paper's mapping), got {value!r}.")
-            log.info(
-                "config: %s=%s is what method=mapo always does; the option is accepted and dropped",
-                alias,
-                value,
-            )
-    for alias, (target, convert) in ALIASES.items():
-        key = alias.split(".", 1)[1]
-        if key in method:
-            value = method.pop(key)
-            new_key = target.split(".", 1)[1]
-            method[new_key] = convert(value)
-            log.info(
-                "config: %s=%r is the SparsePO code's name; using %s=%r",
-                alias,
-                value,
-                target,
-                method[new_key],
-            )
-
-
 def validate(config: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Cross-field checks that a single field's type cannot express (the chosen method checks its own)."""
     t = config.train
     if t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError("'train.batch_size' and 'train.grad_accum' must be at least 1.")
@@ -518,38 +416,15 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "'train.max_steps', 'train.save_every', 'train.eval_every' must be >= 0 and 'train.log_every' >= 1."
         )
-    m = config.method
-    if m.name == "cdpo" and not 0.0 < m.label_smoothing < 0.5:
-        raise ConfigError(
-            "'method.label_smoothing' must be in (0, 0.5) for cdpo (e.g. method.label_smoothing=0.1)."
-        )
-    defaults = MethodConfig()
-    for key, methods in METHOD_FIELDS.items():
-        if m.name not in methods and getattr(m, key) != getattr(defaults, key):
-            users = ", ".join(sorted(methods))
-            raise ConfigError(
-                f"'method.{key}' has no effect with method '{m.name}' (it is used by: {users})."
-            )
-    if m.desirable_weight < 0 or m.undesirable_weight < 0:
-        raise ConfigError("'method.desirable_weight' and 'method.undesirable_weight' must be >= 0.")
-    kto_ratio = m.desirable_weight / max(m.undesirable_weight, 1e-12)
-    if m.name == "kto" and not 1.0 <= kto_ratio <= 4 / 3:
-        import logging
-
-        logging.getLogger("sparsealign.config").warning(
-            "KTO: desirable_weight / undesirable_weight = %.3g; the KTO paper recommends a ratio in [1, 4/3] "
-            "for paired data (as many desirable as undesirable examples).",
-            kto_ratio,
-        )
     if t.warmup_steps and t.warmup_ratio:
         raise ConfigError("Give 'train.warmup_steps' or 'train.warmup_ratio', not both.")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError("'train.warmup_ratio' must be in [0, 1).")
-    if m.name == "fpo" and config.sae.path is None:
-        raise ConfigError("method fpo needs a sparse autoencoder: set sae.path (and sae.site, sae.layer).")
-    if m.name != "fpo" and config.sae.path is not None:
-        raise ConfigError(f"'sae.path' has no effect with method '{m.name}' (it is used by: fpo).")
-    validate_reference(config)
+    r = config.reference
+    if r.cache is None and r.feature_top_k is not None:
+        raise ConfigError("'reference.feature_top_k' has no effect without reference.cache.")
+    if r.batch_size < 1:
+        raise ConfigError("'reference.batch_size' must be at least 1.")
     d = config.data
     if d.max_prompt_length >= d.max_length:
         raise ConfigError("'data.max_prompt_length' must be smaller than 'data.max_length'.")
@@ -557,43 +432,6 @@ def validate(config: Config) -> None:
         raise ConfigError("Give only one of 'data.path', 'data.dataset' and 'data.source'.")
     if config.pairs.samples_per_prompt < 2:
         raise ConfigError("'pairs.samples_per_prompt' must be at least 2.")
-
-
-CACHEABLE_METHODS = ("dpo", "cdpo", "ipo", "kto", "fpo")
-"""Methods whose reference side is per-token log-probs (and pooled SAE codes) only, so it can be cached."""
-
-
-def validate_reference(config: Config) -> None:
-    """``reference.*`` settings that would be ignored or could not work are refused."""
-    r, m = config.reference, config.method
-    if r.cache is None:
-        changed = [k for k in ("feature_top_k",) if getattr(r, k) != getattr(ReferenceConfig(), k)]
-        if changed:
-            raise ConfigError(f"'reference.{changed[0]}' has no effect without reference.cache.")
-        return
-    if m.name not in CACHEABLE_METHODS:
-        why = (
-            "it uses no reference model"
-            if m.name in ("simpo", "sft")
-            else "it needs the reference's full distribution (token KL), hidden states or activations at "
-            "every step, which a cache of log-probs cannot hold"
-        )
-        raise ConfigError(
-            f"'reference.cache' cannot serve method '{m.name}': {why}. "
-            f"Methods that train from a cache: {', '.join(CACHEABLE_METHODS)}."
-        )
-    if r.feature_top_k is not None:
-        if m.name != "fpo":
-            raise ConfigError(f"'reference.feature_top_k' has no effect with method '{m.name}' (fpo only).")
-        if m.index_set != "reference" or m.k > r.feature_top_k:
-            raise ConfigError(
-                f"'reference.feature_top_k={r.feature_top_k}' keeps only the reference's top "
-                f"{r.feature_top_k} codes, which is exact only for method.index_set=reference with "
-                f"method.k <= {r.feature_top_k} (got index_set={m.index_set}, k={m.k}). Use "
-                "reference.feature_top_k=null to keep every non-zero code."
-            )
-    if r.batch_size < 1:
-        raise ConfigError("'reference.batch_size' must be at least 1.")
 
 
 def dump_config(config: Config, path: Path) -> None:

@@ -106,11 +106,13 @@ def collate_pairs(
 
 
 def collate_mismatched(pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
-    """One row per pair: its prompt continued by its ``mismatched_ids`` (KTO's reference-point rows)."""
+    """KTO's reference-point rows, laid out as :func:`collate_pairs` lays out the pairs: rows ``[0, B)``
+    continue each pair's prompt with the mismatched response of its chosen row, rows ``[B, 2B)`` with the
+    one of its rejected row (``mismatched_ids``); ``num_pairs = B``."""
     if any(p.mismatched_ids is None for p in pairs):
         raise ValueError(
             "these pairs have no mismatched responses (data.mismatched.with_mismatched_responses)"
         )
-    return collate_sequences(
-        [p.prompt_ids for p in pairs], [p.mismatched_ids for p in pairs], pad_id, padding_side
-    )
+    prompts = [p.prompt_ids for p in pairs]
+    responses = [p.mismatched_ids[0] for p in pairs] + [p.mismatched_ids[1] for p in pairs]
+    return collate_sequences(prompts * 2, responses, pad_id, padding_side, num_pairs=len(pairs))

@@ -37,9 +37,9 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     origin: str = ""
-    mismatched_ids: list[int] | None = None
-    """KTO: a response written for another prompt, continuing this prompt (see
-    :func:`sparsealign.data.mismatched.with_mismatched_responses`)."""
+    mismatched_ids: tuple[list[int], list[int]] | None = None
+    """KTO: two responses written for other prompts, each continuing this prompt: the one of the chosen
+    row, then the one of the rejected row (:func:`sparsealign.data.mismatched.with_mismatched_responses`)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsealign.data.errors import DataError
+from sparsealign.errors import DataError
 
 Row = dict[str, Any]
 RawRow = tuple[str, Row | Exception]

@@ -26,9 +26,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsealign.data.errors import DataError
 from sparsealign.data.examples import Message, PreferenceExample
 from sparsealign.data.files import RawRow, RowStream, dataset_has_single_split, read_dataset, read_file
+from sparsealign.errors import DataError
 
 __all__ = [
     "FIELDS",

@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparsealign.data.errors import DataError
 from sparsealign.data.examples import PreferenceExample
 from sparsealign.data.sources import SourceData, SourceRequest, register_source
-from sparsealign.rewards.base import RewardModel, atomic_write, cache_root, reward_fingerprint
+from sparsealign.errors import DataError
+from sparsealign.io import atomic_write, cache_root
+from sparsealign.rewards.base import RewardModel, reward_fingerprint
 
 logger = logging.getLogger(__name__)
 

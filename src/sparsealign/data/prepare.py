@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsealign.data.errors import DataError
 from sparsealign.data.examples import PreferenceExample, TokenizedPair
 from sparsealign.data.formats import load_examples
 from sparsealign.data.mismatched import with_mismatched_responses
 from sparsealign.data.sources import load_source
 from sparsealign.data.tokenize import tokenize_examples
+from sparsealign.errors import DataError
 
 logger = logging.getLogger("sparsealign.data")
 
@@ -77,8 +78,18 @@ def to_pairs(
     return pairs
 
 
-def prepare_data(config: Any, bundle: Any, is_main_process: bool = True) -> PreparedData:
-    """Load, validate and tokenise the configured data; fail with a clear message if nothing is usable."""
+def prepare_data(
+    config: Any,
+    bundle: Any,
+    is_main_process: bool = True,
+    mismatched: bool = False,
+    rewrite: Callable[[list[PreferenceExample]], list[PreferenceExample]] | None = None,
+) -> PreparedData:
+    """Load, validate and tokenise the configured data; fail with a clear message if nothing is usable.
+
+    ``mismatched``: also fix each pair's mismatched response (another prompt's chosen response), for methods
+    that need mismatched rows (KTO's reference point). ``rewrite``: a method's rewrite of the examples
+    before tokenisation (conditional SFT's control tokens)."""
     reward = LazyReward(config.reward)
     d = config.data
     eval_prompts: list[str] = []
@@ -99,15 +110,15 @@ def prepare_data(config: Any, bundle: Any, is_main_process: bool = True) -> Prep
         raise DataError(
             "No data configured: set data.path (a local file), data.dataset or data.source (e.g. imdb)."
         )
+    if rewrite is not None:
+        train_examples, eval_examples = rewrite(train_examples), rewrite(eval_examples)
     train = to_pairs(train_examples, bundle.tokenizer, d, "train")
     evaluation = to_pairs(eval_examples, bundle.tokenizer, d, "eval")
     if not train:
         raise DataError(
             f"None of the {len(train_examples)} training examples fit data.max_length={d.max_length}."
         )
-    from sparsealign.methods import get_method
-
-    if get_method(config.method.name).needs_mismatched:
+    if mismatched:
         train = with_mismatched_responses(train, d.max_length)
         evaluation = with_mismatched_responses(evaluation, d.max_length)
     logger.info(

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsealign.data.errors import DataError
 from sparsealign.data.examples import PreferenceExample
+from sparsealign.plugins import import_plugin, is_plugin_spec
+from sparsealign.errors import DataError
 
 __all__ = [
     "BUILTIN_SOURCE_MODULES",
@@ -103,7 +104,18 @@ def available_sources() -> list[str]:
 
 
 def get_source(name: str) -> SourceFn:
-    """The source registered as ``name``; a :class:`DataError` lists the known names and the closest one."""
+    """The source registered as ``name``, or a user's ``path/to/file.py:name`` / ``package.module:name`` (a
+    source function, or the name of one the module registered); a :class:`DataError` lists the known names
+    and the closest one."""
+    if is_plugin_spec(name):
+        module, attribute = import_plugin(name, "data source")
+        found = getattr(module, attribute, None) or _REGISTRY.get(attribute)
+        if not callable(found):
+            raise DataError(
+                f"data source '{name}': {module.__name__} defines no source function called '{attribute}' "
+                "(docs/extending.md)."
+            )
+        return found
     _import_builtin(name)
     if name in _REGISTRY:
         return _REGISTRY[name]

@@ -38,8 +38,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sparsealign.data.errors import DataError
 from sparsealign.data.examples import Message, PreferenceExample, TokenizedPair
+from sparsealign.errors import DataError
 
 __all__ = [
     "DROP_REASONS",

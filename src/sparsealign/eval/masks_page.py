@@ -14,41 +14,50 @@ from pathlib import Path
 
 import torch
 
-from sparsealign.config import Config, load_config
+from sparsealign.config import Config
 from sparsealign.data.collate import collate_pairs
 from sparsealign.data.prepare import prepare_data
 from sparsealign.errors import UserError
-from sparsealign.methods import MODULE_WEIGHTS, get_method, load_method_module
+from sparsealign.methods import METHODS, MODULE_WEIGHTS, Method, Need, get_method, load_method_module
 from sparsealign.models.loading import load_bundle
-from sparsealign.models.logprobs import unwrap_causal_lm
-from sparsealign.train.loop import reference_outputs
+from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
+from sparsealign.recipes.load import load_config
+from sparsealign.train.step import reference_forward, step_inputs
 
-MASK_METHODS = ("sparsepo", "mapo")
+
+def has_token_masks(method: Method) -> bool:
+    """Methods whose loss weights tokens by a mask: a module on the reference's hidden states (SparsePO) or
+    an activation mask (MaPO)."""
+    learned = method.module is not None and Need.REFERENCE_LAYERS in method.needs
+    return learned or Need.ACTIVATION_MASK in method.needs
 
 
 def compute_masks(cfg: Config, run: Path, n: int) -> list[dict]:
     """Reward and KL mask values per response token for ``n`` evaluation pairs of the run."""
-    if cfg.method.name not in MASK_METHODS:
+    method = get_method(cfg.method.name)
+    if not has_token_masks(method):
+        with_masks = ", ".join(name for name, m in METHODS.items() if has_token_masks(m))
         raise UserError(
-            f"Run {run} trained with method '{cfg.method.name}', which has no token masks ({', '.join(MASK_METHODS)} do)."
+            f"Run {run} trained with method '{cfg.method.name}', which has no token masks ({with_masks} do)."
         )
     bundle = load_bundle(cfg.model, cfg.train.seed, torch.device("cpu"), need_reference=True)
     data = prepare_data(cfg, bundle)
     pairs = (data.eval or data.train)[:n]
-    method = get_method(cfg.method.name)
     module = None
-    if method.build_module is not None:
+    if method.module is not None:
         final = run / "final"
         if not (final / MODULE_WEIGHTS).is_file():
             raise UserError(f"{final} has no {MODULE_WEIGHTS}: has the run finished?")
         module, _ = load_method_module(final, unwrap_causal_lm(bundle.policy).config)
     batch = collate_pairs(pairs, bundle.tokenizer.pad_token_id)
-    layers = module.layers() if module is not None else ()
+    inputs = step_inputs(cfg, method, bundle, batch, pairs)
     with torch.no_grad(), bundle.reference_model() as ref_model:
-        ref, activation = reference_outputs(ref_model, cfg.train.logprob_chunk, method, cfg, batch, layers)
-        reward, kl = (
-            module(ref.layers, batch.response_mask) if module is not None else (activation, activation)
-        )
+        token_model = TokenModel(ref_model, cfg.train.logprob_chunk, extra=module)
+        ref = reference_forward(ref_model, token_model, inputs)
+        if module is not None:
+            reward, kl = module(ref.outputs, ref.outputs)
+        else:
+            reward = kl = ref.activation_mask
     rows = []
     b = len(pairs)
     for i, pair in enumerate(pairs):

@@ -1,35 +1,22 @@
 """Pure loss functions on per-token log-probs (``[B, T]`` tensors plus masks); no model inside.
 
 Each returns a :class:`LossOutput` with ``loss`` (scalar), ``per_example`` (``[B]``) and ``metrics``.
+
+One loss per module. Every module of this package is imported here and the names in its ``__all__`` are
+exported from ``sparsealign.losses``, so a new loss is one new file (no list to extend).
 """
 
 from __future__ import annotations
 
-from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, masked_sum, paired_metrics
-from sparsealign.losses.dpo import dpo_loss, ipo_loss
-from sparsealign.losses.fpo import active_features, feature_distance, fpo_loss, pool_features
-from sparsealign.losses.kto import kto_loss, kto_reference_point
-from sparsealign.losses.sft import sft_loss
-from sparsealign.losses.simpo import simpo_loss
-from sparsealign.losses.sparsepo import sparsepo_loss
-from sparsealign.losses.tdpo import tdpo_loss
+import importlib
+import pkgutil
 
-__all__ = [
-    "LossOutput",
-    "active_features",
-    "check_shapes",
-    "dpo_loss",
-    "feature_distance",
-    "fpo_loss",
-    "ipo_loss",
-    "kto_loss",
-    "kto_reference_point",
-    "masked_mean",
-    "masked_sum",
-    "paired_metrics",
-    "pool_features",
-    "sft_loss",
-    "simpo_loss",
-    "sparsepo_loss",
-    "tdpo_loss",
-]
+__all__: list[str] = []
+
+for _module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    _module = importlib.import_module(f"{__name__}.{_module_info.name}")
+    for _name in getattr(_module, "__all__", ()):
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)
+
+del _module_info, _module, _name

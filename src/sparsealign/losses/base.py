@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+__all__ = ["LossOutput", "check_shapes", "masked_mean", "masked_sum", "paired_metrics"]
+
 
 @dataclass
 class LossOutput:

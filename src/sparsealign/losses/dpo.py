@@ -7,6 +7,8 @@ from torch import Tensor
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, masked_sum, paired_metrics
 
+__all__ = ["dpo_loss", "ipo_loss"]
+
 
 def dpo_loss(
     policy_chosen_logps: Tensor,

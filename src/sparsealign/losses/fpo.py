@@ -40,6 +40,8 @@ from torch import Tensor
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, masked_sum, paired_metrics
 
+__all__ = ["active_features", "feature_distance", "fpo_loss", "pool_features"]
+
 INDEX_SETS = ("reference", "policy", "union")
 
 

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_sum, paired_metrics
 
+__all__ = ["kto_loss", "kto_reference_point"]
+
 
 def kto_reference_point(
     policy_logps: Tensor,
@@ -22,8 +24,10 @@ def kto_reference_point(
     average: Callable[[Tensor], Tensor] = torch.mean,
 ) -> Tensor:
     """z₀ = max(0, mean_i Σ_t (π − ref)) over the mismatched rows ``[M, T]``, detached (no gradient flows
-    through the reference point, as in the paper). ``average`` turns the ``[M]`` per-row log-ratios into
-    their mean; a multi-process run passes the mean over all processes' rows. A scalar tensor."""
+    through the reference point, as in the paper). For a batch of B pairs M = 2B: each pair's chosen and
+    rejected rows, continued by other prompts' responses (:mod:`sparsealign.data.mismatched`), as TRL and
+    HALOs do. ``average`` turns the ``[M]`` per-row log-ratios into their mean; a multi-process run passes
+    the mean over all processes' rows. A scalar tensor."""
     check_shapes(policy_logps, ref_logps, mask)
     logratios = masked_sum(policy_logps - ref_logps, mask).detach()
     return average(logratios).clamp_min(0)

@@ -6,6 +6,8 @@ from torch import Tensor
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_mean, masked_sum
 
+__all__ = ["sft_loss"]
+
 
 def sft_loss(policy_logps: Tensor, mask: Tensor) -> LossOutput:
     """Per-example length-normalised negative log-likelihood:

@@ -8,6 +8,8 @@ from torch import Tensor
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_sum, paired_metrics
 
+__all__ = ["sparsepo_loss"]
+
 
 def _mask_stats(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Percentage of response tokens (pooled over the batch) whose mask value is exactly 0, and the mean

@@ -7,6 +7,8 @@ from torch import Tensor
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_sum, paired_metrics
 
+__all__ = ["tdpo_loss"]
+
 
 def tdpo_loss(
     policy_chosen_logps: Tensor,

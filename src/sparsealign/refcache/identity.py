@@ -3,65 +3,25 @@
 A cache is valid for a run when the reference model would compute the same numbers on the same token ids:
 same weights (a digest of every tensor, LoRA adapters excluded since the reference runs with the adapter
 off), same dtype, same tokenizer (vocabulary digest, special tokens) and chat template, same length limits
-and truncation, and, for FPO, the same SAE (weights digest, site, layer). Pair contents are checked per
-pair by key (:func:`sparsealign.refcache.store.pair_key`), so a cache may hold more pairs than a run uses.
+and truncation, and, for FPO, the same SAE (weights digest, site, layer) pooled at the same positions.
+Pair contents are checked per pair by key (:func:`sparsealign.refcache.store.pair_key`), so a cache may
+hold more pairs than a run uses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
-import torch
-from torch import nn
-
-from sparsealign.errors import UserError
+from sparsealign.models.digest import digest_of, weights_digest
 
 FORMAT = "sparsealign-reference-cache"
-VERSION = 1
+VERSION = 2
+"""The layout of a cache file; a file of another version is refused (rebuild it). 2: KTO's mismatched rows
+are two per pair, one for its chosen and one for its rejected row (version 1 held one per pair)."""
 
 INFORMATIONAL = ("pairs", "split", "created", "sparsealign_version", "features.d_sae", "mismatched_responses")
 """Header fields that describe a file but do not decide whether it matches a run."""
-
-
-class CacheError(UserError, RuntimeError):
-    """A reference cache that is missing, unreadable or does not match the run."""
-
-
-def _digest(chunks: Any) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for chunk in chunks:
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().contiguous().cpu().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def _base_name(name: str) -> str:
-    """The parameter name without PEFT's wrapping, so a LoRA run and a full run of one base agree."""
-    name = name.removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".")
-
-
-def weights_digest(model: nn.Module) -> str:
-    """A digest of every parameter and buffer (name, dtype, shape, bytes), LoRA adapter weights excluded."""
-    named = {}
-    for name, tensor in model.state_dict().items():
-        if "lora_" in name or "modules_to_save" in name:
-            continue
-        named[_base_name(name)] = tensor
-
-    def chunks():
-        for name in sorted(named):
-            tensor = named[name]
-            yield f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
-            yield _tensor_bytes(tensor)
-
-    return _digest(chunks())
 
 
 def tokenizer_identity(tokenizer: Any, chat_template: str | None) -> dict[str, Any]:
@@ -70,11 +30,11 @@ def tokenizer_identity(tokenizer: Any, chat_template: str | None) -> dict[str, A
     return {
         "class": type(tokenizer).__name__,
         "size": len(tokenizer),
-        "vocab": _digest([json.dumps(vocab, ensure_ascii=False).encode()]),
+        "vocab": digest_of([json.dumps(vocab, ensure_ascii=False).encode()]),
         "bos": tokenizer.bos_token_id,
         "eos": tokenizer.eos_token_id,
         "pad": tokenizer.pad_token_id,
-        "chat_template": None if template is None else _digest([str(template).encode()]),
+        "chat_template": None if template is None else digest_of([str(template).encode()]),
     }
 
 
@@ -88,6 +48,7 @@ def sae_identity(probe: Any) -> dict[str, Any] | None:
         "weights": weights_digest(sae),
         "site": probe.site,
         "layer": probe.layer,
+        "positions": probe.positions,
         "activation": sae.activation,
         "k": sae.k,
     }

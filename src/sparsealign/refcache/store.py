@@ -8,9 +8,11 @@ are stored in pair order, chosen then rejected (response ``2i`` and ``2i+1`` of 
   every response token;
 - with SAE codes (FPO): ``feature_offsets [2P+1]`` int64, ``feature_indices`` int32 and ``feature_values``
   float32: the non-zero entries (or the top-k) of each response's pooled reference SAE code.
-- with mismatched responses (built for KTO; such a cache serves DPO, IPO and cDPO too):
-  ``mismatched_keys [P]`` int64 (:func:`sequence_key` of the pair's prompt and mismatched response),
-  ``mismatched_offsets [P+1]`` int64 and ``mismatched_logps``: the reference log-probs of that response.
+- with mismatched responses (built for KTO; such a cache serves DPO, IPO and cDPO too): two rows per pair,
+  in the responses' order (row ``2i`` is pair ``i``'s chosen row, ``2i+1`` its rejected row, see
+  :mod:`sparsealign.data.mismatched`): ``mismatched_keys [2P]`` int64 (:func:`sequence_key` of the row's
+  prompt and mismatched response), ``mismatched_offsets [2P+1]`` int64 and ``mismatched_logps``: the
+  reference log-probs of those responses.
 
 The JSON header (:mod:`sparsealign.refcache.identity`) is the file's safetensors metadata.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ import torch
 
 from sparsealign.data.collate import Batch
 from sparsealign.data.examples import TokenizedPair
+from sparsealign.errors import CacheError
+from sparsealign.io import atomic_file
 from sparsealign.models.logprobs import TokenOutputs
-from sparsealign.refcache.identity import CacheError, describe_mismatch
+from sparsealign.refcache.identity import VERSION, describe_mismatch
 
 HEADER_KEY = "sparsealign_reference_cache"
 SPLITS = ("train", "eval")
@@ -47,6 +50,11 @@ def sequence_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> int:
     text = json.dumps([list(prompt_ids), list(response_ids)], separators=(",", ":"))
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def mismatched_keys(pair: TokenizedPair) -> tuple[int, ...]:
+    """The :func:`sequence_key` of each of a pair's mismatched rows (its chosen row's, its rejected row's)."""
+    return tuple(sequence_key(pair.prompt_ids, response) for response in pair.mismatched_ids or ())
 
 
 def split_file(folder: Path, split: str) -> Path:
@@ -69,7 +77,8 @@ def write_split(
     mismatched: tuple[list[int], list[torch.Tensor]] | None = None,
 ) -> None:
     """Write one split atomically. ``logps``: one 1-D tensor per response (2 per pair, chosen first);
-    ``features``: one (indices, values) per response; ``mismatched``: (key, log-probs) per pair."""
+    ``features``: one (indices, values) per response; ``mismatched``: (keys, log-probs) of the mismatched
+    rows, two per pair (its chosen row's, then its rejected row's)."""
     from safetensors.torch import save_file
 
     tensors = {
@@ -90,10 +99,8 @@ def write_split(
         tensors["mismatched_keys"] = torch.tensor(mm_keys, dtype=torch.int64)
         tensors["mismatched_offsets"] = _offsets([len(x) for x in mm_logps])
         tensors["mismatched_logps"] = torch.cat(mm_logps).float() if mm_logps else torch.zeros(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -123,11 +130,14 @@ class _Split:
         o = self.tensors["logp_offsets"]
         return self.tensors["logps"][int(o[response]) : int(o[response + 1])]
 
-    def mismatched_key(self, row: int) -> int | None:
-        """The key of the mismatched response stored for pair ``row`` (None: the file has none)."""
-        return int(self.tensors["mismatched_keys"][row]) if self.has_mismatched else None
+    def mismatched_keys(self, row: int) -> tuple[int, ...] | None:
+        """The keys of the two mismatched rows stored for pair ``row`` (None: the file has none)."""
+        if not self.has_mismatched:
+            return None
+        return tuple(int(k) for k in self.tensors["mismatched_keys"][2 * row : 2 * row + 2])
 
     def mismatched_logps(self, row: int) -> torch.Tensor:
+        """The log-probs of mismatched row ``row`` (``2i``: pair i's chosen row, ``2i+1``: its rejected row)."""
         o = self.tensors["mismatched_offsets"]
         return self.tensors["mismatched_logps"][int(o[row]) : int(o[row + 1])]
 
@@ -153,6 +163,13 @@ class ReferenceCache:
             if not path.is_file():
                 raise CacheError(f"The reference cache {self.folder} has no {path.name}.")
             header = read_header(path)
+            if header.get("version") != VERSION:
+                raise CacheError(
+                    f"The reference cache {self.folder} has the layout of cache format version "
+                    f"{header.get('version')}; this version of sparsealign reads version {VERSION} only. "
+                    "Rebuild it with `sparsealign cache --force RECIPE [overrides]` (or delete it; training "
+                    "builds a missing cache)."
+                )
             mismatch = describe_mismatch(header, expected)
             if mismatch:
                 raise CacheError(
@@ -170,13 +187,13 @@ class ReferenceCache:
 
     def missing(self, pairs: Sequence[TokenizedPair]) -> int:
         """How many of ``pairs`` this cache cannot serve: no entry, or (for pairs that carry
-        ``mismatched_ids``) no stored mismatched response or another one."""
+        ``mismatched_ids``) no stored mismatched rows or other ones."""
         count = 0
         for pair in pairs:
             found = self._locate(pair)
             if found is not None and pair.mismatched_ids is not None:
                 split, row = found
-                if split.mismatched_key(row) != sequence_key(pair.prompt_ids, pair.mismatched_ids):
+                if split.mismatched_keys(row) != mismatched_keys(pair):
                     found = None
             count += found is None
         return count
@@ -216,9 +233,9 @@ class ReferenceCache:
         return TokenOutputs(logps=logps, mask=mask, head_inputs=logps.new_zeros(0, 1), features=features)
 
     def mismatched_outputs(self, pairs: Sequence[TokenizedPair], batch: Batch) -> TokenOutputs:
-        """The reference's log-probs of each pair's prompt continued by its ``mismatched_ids`` (KTO), for
-        ``batch`` (built from ``pairs`` by ``collate_mismatched``)."""
-        rows = []
+        """The reference's log-probs of KTO's mismatched rows of ``pairs``, for ``batch`` (built from
+        ``pairs`` by ``collate_mismatched``: the chosen rows' mismatched rows, then the rejected rows')."""
+        found = []
         for pair in pairs:
             split, row = self._find(pair)
             if not split.has_mismatched:
@@ -227,13 +244,14 @@ class ReferenceCache:
                     "them. Rebuild it with `sparsealign cache RECIPE method.name=kto` (a KTO cache serves "
                     "DPO, IPO and cDPO too)."
                 )
-            if split.mismatched_key(row) != sequence_key(pair.prompt_ids, pair.mismatched_ids or []):
+            if split.mismatched_keys(row) != mismatched_keys(pair):
                 raise CacheError(
-                    f"The reference cache {self.folder} holds another mismatched response for a pair of this "
+                    f"The reference cache {self.folder} holds other mismatched responses for a pair of this "
                     "run (the order of the pairs or data.max_length changed since it was built). Rebuild it "
                     "with `sparsealign cache RECIPE [overrides]`."
                 )
-            rows.append(split.mismatched_logps(row))
+            found.append((split, row))
+        rows = [split.mismatched_logps(2 * row + side) for side in (0, 1) for split, row in found]
         logps = self._logps(rows, batch.response_mask)
         return TokenOutputs(logps=logps, mask=batch.response_mask, head_inputs=logps.new_zeros(0, 1))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsealign.rewards.base import RewardError, RewardModel, atomic_write, cache_root, reward_fingerprint
+from sparsealign.rewards.base import RewardError, RewardModel, reward_fingerprint
 
 if TYPE_CHECKING:
     from sparsealign.config import RewardConfig
@@ -26,4 +26,4 @@ def load_reward(cfg: RewardConfig) -> RewardModel:
     return ClassifierReward(cfg.name, positive_label=cfg.positive_label, batch_size=cfg.batch_size)
 
 
-__all__ = ["RewardError", "RewardModel", "atomic_write", "cache_root", "load_reward", "reward_fingerprint"]
+__all__ = ["RewardError", "RewardModel", "load_reward", "reward_fingerprint"]

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparsealign.rewards.base import RewardError, atomic_write, cache_root
+from sparsealign.errors import RewardError
+from sparsealign.io import atomic_write, cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,19 @@
-"""Named built-in SAEs: trained here on first use and cached, like the SmolLM2 model they read.
+"""Named built-in SAEs: trained here once, on request, and cached, like the SmolLM2 model they read.
 
-``load_sae("smollm2-135m-instruct-imdb")`` returns the SAE in ``<cache>/saes/smollm2-135m-instruct-imdb/``
-(``<cache>`` is :func:`sparsealign.models.builtins.cache_root`: ``$SPARSEALIGN_CACHE`` or
-``~/.cache/sparsealign``), training it first when the folder is missing. Training writes into a temporary
-sibling folder renamed at the end, so an interrupted run leaves no half-written SAE.
-``sparsealign sae train --builtin NAME`` (re)builds one explicitly.
+A built-in name is not a path: :func:`~sparsealign.sae.loading.load_sae` only reads files. Resolve a name
+first:
+
+* :func:`resolve_builtin_sae` returns the cached folder ``<cache>/saes/<name>/`` (``<cache>`` is
+  :func:`sparsealign.io.cache_root`: ``$SPARSEALIGN_CACHE`` or ``~/.cache/sparsealign``) and
+  raises :class:`~sparsealign.errors.SAEError` when it is not built yet, telling the user to run
+  ``sparsealign sae train --builtin NAME``;
+* :func:`ensure_builtin_sae` trains it when it is missing (or when ``refresh``), with progress on stderr.
+  ``sparsealign sae train --builtin NAME`` calls it with ``refresh=True``; FPO's
+  :func:`~sparsealign.sae.probe.build_feature_probe` calls it as an explicit, logged build step when a
+  recipe names a built-in that is not cached yet.
+
+Training writes into a temporary sibling folder renamed at the end, so an interrupted run leaves no
+half-written SAE.
 
 ``smollm2-135m-instruct-imdb``: a TopK SAE (Gao et al. 2024) on the residual stream after block 20 of the
 30 of SmolLM2-135M-Instruct (``blocks.20.hook_resid_post``, d_in 576), trained on IMDB review text. Why
@@ -26,15 +35,23 @@ these settings (measurements in ``docs/sae.md``):
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from sparsealign.models.builtins import cache_root
+from sparsealign.errors import SAEError
+from sparsealign.io import cache_root
+from sparsealign.sae.training.config import SAETrainConfig
 
-if TYPE_CHECKING:
-    from sparsealign.sae.train import SAETrainConfig
+__all__ = [
+    "BUILTIN_SAES",
+    "SAE_CACHE_DIR",
+    "BuiltinSAE",
+    "builtin_sae_folder",
+    "ensure_builtin_sae",
+    "resolve_builtin_sae",
+]
 
 SAE_CACHE_DIR = "saes"
 """Sub-folder of the cache root holding the built-in SAEs."""
@@ -50,8 +67,6 @@ class BuiltinSAE:
 
 
 def _smollm2_imdb() -> SAETrainConfig:
-    from sparsealign.sae.train import SAETrainConfig
-
     return SAETrainConfig(
         model="smollm2-135m-instruct",
         site="resid_post",
@@ -89,29 +104,42 @@ def _is_sae_folder(folder: Path) -> bool:
     return (folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file()
 
 
-def ensure_builtin_sae(name: str, *, refresh: bool = False) -> Path:
-    """The cached folder of the built-in SAE ``name``, training it first when missing (or ``refresh``).
-
-    Progress goes to stderr. Raises :class:`~sparsealign.sae.formats.SAEError` for an unknown name.
-    """
-    from sparsealign.sae.formats import SAEError
-
+def _check_name(name: str) -> None:
     if name not in BUILTIN_SAES:
-        import difflib
-
         close = difflib.get_close_matches(name, list(BUILTIN_SAES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise SAEError(f"unknown built-in SAE {name!r}{hint} (built-ins: {', '.join(BUILTIN_SAES)})")
-    folder = builtin_sae_folder(name)
-    if _is_sae_folder(folder) and not refresh:
-        return folder
-    from sparsealign.sae.train import _stderr_progress, train_sae
 
-    _stderr_progress(
-        f"built-in SAE {name} is {'being rebuilt' if refresh else 'not cached yet'}; training it into {folder}"
-    )
-    train_sae(BUILTIN_SAES[name].config(), folder, progress=_stderr_progress)
+
+def resolve_builtin_sae(name: str) -> Path:
+    """The cached folder of the built-in SAE ``name``; never trains.
+
+    Raises :class:`SAEError` for an unknown name (with the closest one) or a built-in not built yet (with
+    the command that builds it).
+    """
+    _check_name(name)
+    folder = builtin_sae_folder(name)
+    if not _is_sae_folder(folder):
+        raise SAEError(
+            f"the built-in SAE {name!r} is not built yet (no {folder}); build it once with "
+            f"`sparsealign sae train --builtin {name}`"
+        )
     return folder
 
 
-__all__ = ["BUILTIN_SAES", "BuiltinSAE", "builtin_sae_folder", "ensure_builtin_sae"]
+def ensure_builtin_sae(name: str, *, refresh: bool = False) -> Path:
+    """The cached folder of the built-in SAE ``name``, training it first when missing (or ``refresh``).
+
+    Training progress goes to stderr. Raises :class:`SAEError` for an
+    unknown name.
+    """
+    _check_name(name)
+    folder = builtin_sae_folder(name)
+    if _is_sae_folder(folder) and not refresh:
+        return folder
+    from sparsealign.sae.training.run import stderr_progress, train_sae
+
+    why = "being rebuilt" if refresh else "not cached yet"
+    stderr_progress(f"built-in SAE {name} is {why}; training it into {folder}")
+    train_sae(BUILTIN_SAES[name].config(), folder, progress=stderr_progress)
+    return folder

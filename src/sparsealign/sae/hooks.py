@@ -1,7 +1,7 @@
 """Hook sites where an SAE reads a Hugging Face causal LM's activations (with gradient).
 
 Configs name a site as ``sae.site=resid_post sae.layer=L`` (0-based decoder-layer index). Sites, for any
-model whose decoder-layer list :func:`~sparsealign.models.activations.decoder_layers` finds:
+model whose decoder-layer list :func:`~sparsealign.models.hooks.decoder_layers` finds:
 
 ``resid_post``
     The OUTPUT hidden state of decoder layer L (forward hook on the layer; ``output[0]`` when it returns a
@@ -16,64 +16,20 @@ model whose decoder-layer list :func:`~sparsealign.models.activations.decoder_la
     after that norm, so for layers with that module its output is captured instead.
 
 :func:`capture_site` keeps the tensor in the autograd graph: encoded by the SAE inside the policy forward,
-the loss backpropagates through it into the model.
+the loss backpropagates through it into the model. :func:`run_to_site` (SAE training) runs a forward
+without gradient that stops right after the hooked module. Every forward hook of the ``sae`` package is in
+this module.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
+import torch
 from torch import Tensor, nn
 
-from sparsealign.models.activations import decoder_layers
-
-SITES: tuple[str, ...] = ("resid_post", "mlp_out")
-"""Supported hook sites."""
-
-MLP_MODULES: tuple[str, ...] = ("mlp",)
-"""Paths (relative to a decoder layer) of the MLP module."""
-
-POST_MLP_NORMS: tuple[str, ...] = ("post_feedforward_layernorm",)
-"""Norms applied to the MLP output before the residual add (Gemma-2/3); ``mlp_out`` is their output."""
-
-
-def _sub(layer: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return layer.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def site_module(model: nn.Module, site: str, layer: int) -> nn.Module:
-    """The module whose forward output is ``site`` of decoder layer ``layer``.
-
-    Raises ``ValueError`` for an unknown site (with the closest valid one), a layer out of range, or a
-    layer without an MLP module (``mlp_out``).
-    """
-    if site not in SITES:
-        close = difflib.get_close_matches(str(site).lower(), SITES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown SAE hook site {site!r}{hint} (valid: {', '.join(SITES)})")
-    layers = decoder_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
-        raise ValueError(
-            f"SAE hook layer {layer!r} is out of range: the model has {len(layers)} decoder layers "
-            f"(0..{len(layers) - 1})"
-        )
-    block = layers[layer]
-    if site == "resid_post":
-        return block
-    for path in POST_MLP_NORMS + MLP_MODULES:
-        module = _sub(block, path)
-        if module is not None:
-            return module
-    children = ", ".join(name for name, _ in block.named_children()) or "none"
-    raise ValueError(
-        f"cannot find the MLP of decoder layer {layer} ({type(block).__name__}): looked for "
-        f"{', '.join(MLP_MODULES)}; the layer has: {children}"
-    )
+from sparsealign.models.hooks import SITES, site_module  # noqa: F401 (re-exported; they live in models)
 
 
 def _output_tensor(output: object) -> Tensor:
@@ -109,3 +65,27 @@ def capture_site(model: nn.Module, site: str, layer: int) -> Iterator[dict[str, 
         yield captured
     finally:
         handle.remove()
+
+
+class _StopForward(Exception):
+    """Raised by :func:`run_to_site`'s hook to end the forward once the hooked module has run."""
+
+
+def run_to_site(model: nn.Module, module: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``module``'s output ``[B, L, d]`` for this batch, under ``torch.no_grad()``; the forward stops right
+    after ``module`` (its hook raises), so the layers after it (and the head) never run."""
+    captured: dict[str, Tensor] = {}
+
+    def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+        captured["activations"] = _output_tensor(output)
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    if "activations" not in captured:
+        raise RuntimeError(f"the hook on {type(module).__name__} did not fire during the forward")
+    return captured["activations"]

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sparsealign.sae.formats import save_sae
+
 ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk")
 """Supported latent activations."""
 
@@ -44,7 +46,8 @@ class SAEMetadata:
     TransformerLens hook names are kept as found, e.g. ``"attn.hook_z"``) or None when unknown; ``layer``:
     the decoder-layer index or None; ``model_name``: the model the SAE was trained on (free text);
     ``hook_name``: the original hook name (``blocks.25.hook_resid_post``, ``layers.10``, ...);
-    ``format``: ``"saelens"``, ``"gemma_scope"`` or ``"sparsify"`` (None when built in code);
+    ``format``: the :mod:`~sparsealign.sae.formats` name it was loaded from (``"saelens"``, ``"gemma_scope"``,
+    ``"sparsify"``...; None when built in code);
     ``source``: the local path loaded from; ``average_l0``: the advertised mean L0 (Gemma Scope path).
     """
 
@@ -178,7 +181,6 @@ class SparseAutoencoder(nn.Module):
         return self
 
     def save(self, folder: str | Path) -> Path:
-        """Write the SAELens 6.x layout (``cfg.json`` + ``sae_weights.safetensors``); see ``formats``."""
-        from sparsealign.sae.formats import save_saelens
-
-        return save_saelens(self, folder)
+        """Write the SAE into ``folder`` in the SAELens 6.x layout (``cfg.json`` +
+        ``sae_weights.safetensors``, :mod:`sparsealign.sae.formats.saelens`); returns the folder."""
+        return save_sae(self, folder)

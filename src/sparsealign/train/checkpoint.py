@@ -9,7 +9,6 @@ into place, so a checkpoint folder is either complete or absent; ``state.json`` 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsealign.errors import UserError
+from sparsealign.errors import CheckpointError
+from sparsealign.io import atomic_folder
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -47,10 +47,6 @@ RESUMABLE_DIFFERENCES = {
     "eval.temperature",
     "model.merge_final",
 }
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that is missing, incomplete or from another run."""
 
 
 @dataclass
@@ -107,26 +103,20 @@ def save_checkpoint(
     config: dict[str, Any],
     rng_states: list[dict[str, Any]],
 ) -> Path:
-    """Write ``folder`` atomically (temporary sibling, then rename). Called on the main process."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    for rank, rng in enumerate(rng_states):
-        torch.save(rng, tmp / f"rng-{rank}.pt")
-    payload = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "config": config,
-    }
-    (tmp / "state.json").write_text(json.dumps(payload, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    """Write ``folder`` atomically (:func:`sparsealign.io.atomic_folder`). Called on the main process."""
+    with atomic_folder(folder) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / f"rng-{rank}.pt")
+        payload = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "config": config,
+        }
+        (tmp / "state.json").write_text(json.dumps(payload, indent=1))
     return folder
 
 

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from sparsealign.config import Config, dump_config, to_dict
-from sparsealign.data.collate import Batch, collate_mismatched, collate_pairs
+from sparsealign.data.collate import collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.data.prepare import PreparedData, prepare_data
-from sparsealign.errors import UserError
-from sparsealign.losses import LossOutput
-from sparsealign.methods import Method, StepOutputs, get_method, save_method_module
+from sparsealign.errors import TrainingError
+from sparsealign.methods import Method, Need, get_method, method_options, save_method_module
+from sparsealign.models.digest import weights_digest
 from sparsealign.models.loading import (
     ModelBundle,
     enable_gradient_checkpointing,
@@ -40,8 +39,8 @@ from sparsealign.models.loading import (
     load_reference,
     save_final,
 )
-from sparsealign.models.logprobs import TokenModel, TokenOutputs, output_head, unwrap_causal_lm
-from sparsealign.refcache import ReferenceCache, prepare_reference_cache, weights_digest
+from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
+from sparsealign.refcache import ReferenceCache, prepare_reference_cache
 from sparsealign.train.batches import BatchPlan, shard
 from sparsealign.train.checkpoint import (
     TrainState,
@@ -54,120 +53,34 @@ from sparsealign.train.checkpoint import (
     truncate_metrics,
 )
 from sparsealign.train.schedule import build_scheduler
+from sparsealign.train.step import build_optimizer, compute_loss, step_inputs
 
 logger = logging.getLogger("sparsealign.train")
 
 
-class TrainingError(UserError, RuntimeError):
-    """A run that cannot start or continue, with the reason."""
+@dataclass
+class TrainedModels:
+    """What evaluation after training reads: the trained policy and its reference (``bundle``), the prepared
+    data (held-out prompts, reward) and the device. Only the main process gets one."""
+
+    bundle: ModelBundle
+    data: PreparedData
+    device: torch.device
 
 
 @dataclass
 class RunResult:
+    """The outcome of :func:`train`: the run folder, optimizer steps taken, whether it was interrupted, the
+    last logged training and evaluation metrics, the trained models (main process), and the generation
+    report once :func:`sparsealign.api.train` has evaluated."""
+
     output_dir: Path
     steps: int
     interrupted: bool
     final_metrics: dict[str, float]
     eval_metrics: dict[str, float]
+    trained: TrainedModels | None = None
     report: dict[str, Any] | None = None
-
-
-def reference_outputs(
-    ref_model: torch.nn.Module,
-    chunk: int,
-    method: Method,
-    cfg: Config,
-    batch: Batch,
-    layers: Sequence[int],
-    features: torch.nn.Module | None = None,
-) -> tuple[TokenOutputs, torch.Tensor | None]:
-    """The reference's per-token outputs and, for MaPO, its activation mask ("uniform": all ones).
-
-    For token-KL methods the reference's head is not run here: the policy's forward runs it once per token
-    for both the KL and the reference log-probs.
-    """
-    tokens = TokenModel(ref_model, chunk, features=features)
-    head = not method.needs_token_kl
-    types = method.activation_types(cfg.method) if method.activation_types is not None else None
-    if not types:  # no activation mask, or "uniform" (an empty list): all ones, TDPO1's weighting
-        uniform = None if types is None else batch.response_mask.float()
-        return tokens(batch, layers=layers, head=head), uniform
-    from sparsealign.masks import activation_mask
-    from sparsealign.models.activations import capture_activations
-
-    with capture_activations(ref_model, types, batch) as groups:
-        out = tokens(batch, layers=layers, head=head)
-    return out, activation_mask(groups, batch.response_mask)
-
-
-def step_outputs(
-    policy: torch.nn.Module,
-    bundle: ModelBundle,
-    method: Method,
-    cfg: Config,
-    batch: Batch,
-    pairs: Sequence[TokenizedPair] = (),
-    cache: ReferenceCache | None = None,
-) -> StepOutputs:
-    """Run the reference (only if the method needs it, with only the layers, activations and head it needs)
-    and the policy on one concatenated batch. With a reference ``cache`` the reference side of ``pairs``
-    (the pairs ``batch`` was collated from) is read from it and no reference model runs."""
-    token_model = getattr(policy, "module", policy)
-    reference = reference_head = activation_mask = None
-    if method.needs_reference and cache is not None:
-        reference = cache.outputs(pairs, batch)
-    elif method.needs_reference:
-        layers = token_model.extra.layers() if token_model.extra is not None else ()
-        with torch.no_grad(), bundle.reference_model() as ref_model:
-            reference, activation_mask = reference_outputs(
-                ref_model, token_model.chunk, method, cfg, batch, layers, token_model.features
-            )
-            if method.needs_token_kl:
-                reference_head = output_head(ref_model)
-    out = policy(batch, reference=reference, reference_head=reference_head)
-    if reference is not None:
-        reference.layers = {}  # the mask module has used them: free them before the backward pass
-    result = StepOutputs(out, reference, batch.num_pairs, activation_mask)
-    if method.needs_mismatched:
-        result.mismatched_policy, result.mismatched_reference = mismatched_outputs(
-            policy, bundle, cfg, batch, pairs, cache
-        )
-    return result
-
-
-@torch.no_grad()
-def mismatched_outputs(
-    policy: torch.nn.Module,
-    bundle: ModelBundle,
-    cfg: Config,
-    batch: Batch,
-    pairs: Sequence[TokenizedPair],
-    cache: ReferenceCache | None = None,
-) -> tuple[TokenOutputs, TokenOutputs]:
-    """Policy and reference log-probs of each prompt of ``pairs`` continued by its mismatched response
-    (KTO's reference point): a separate forward without gradients, as the reference point is detached."""
-    if len(pairs) != batch.num_pairs:
-        raise ValueError("KTO needs the pairs the batch was collated from (compute_loss(..., pairs))")
-    rows = collate_mismatched(pairs, bundle.tokenizer.pad_token_id, cfg.data.padding_side)
-    rows = rows.to(batch.input_ids.device)
-    if cache is not None:
-        reference = cache.mismatched_outputs(pairs, rows)
-    else:
-        with bundle.reference_model() as ref_model:
-            reference = TokenModel(ref_model, getattr(policy, "module", policy).chunk)(rows)
-    return policy(rows), reference
-
-
-def compute_loss(
-    policy: torch.nn.Module,
-    bundle: ModelBundle,
-    method: Method,
-    cfg: Config,
-    batch: Batch,
-    pairs: Sequence[TokenizedPair] = (),
-    cache: ReferenceCache | None = None,
-) -> LossOutput:
-    return method.compute(step_outputs(policy, bundle, method, cfg, batch, pairs, cache), cfg.method)
 
 
 class MetricsLog:
@@ -220,59 +133,25 @@ def evaluate_loss(
     policy.eval()
     with torch.no_grad():
         for items, counted in batches:
-            batch = collate_pairs(items, pad, cfg.data.padding_side, not method.paired).to(accelerator.device)
-            out = compute_loss(policy, bundle, method, cfg, batch, items, cache)
+            batch = collate_pairs(items, pad, cfg.data.padding_side, method.rows == "chosen").to(
+                accelerator.device
+            )
+            out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, cache))
             records.append((len(items) if counted else 0, {"loss": out.loss, **out.metrics}))
     return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
 
 
-def build_feature_probe(cfg: Config, bundle: ModelBundle, device: torch.device) -> torch.nn.Module:
-    """FPO: the frozen SAE of ``sae.*`` at its hook site, checked against the model's width and depth."""
-    from sparsealign.sae import load_sae, site_module
-    from sparsealign.sae.probe import FeatureProbe
-
-    model_config = unwrap_causal_lm(bundle.policy).config
-    sae = load_sae(cfg.sae.path, d_in=model_config.hidden_size)
-    layer = cfg.sae.layer if cfg.sae.layer is not None else sae.layer
-    if layer is None:
-        raise TrainingError(f"The SAE at {cfg.sae.path} records no layer: set sae.layer.")
-    try:
-        site_module(unwrap_causal_lm(bundle.policy), cfg.sae.site, layer)
-    except ValueError as error:
-        raise TrainingError(f"sae.site={cfg.sae.site} sae.layer={layer}: {error}") from None
-    return FeatureProbe(sae, cfg.sae.site, layer).to(device)
+def _example_rewrite(method: Method, cfg: Config):
+    """The method's rewrite of the examples before tokenisation (conditional SFT's control tokens), if any."""
+    if method.prepare_examples is None:
+        return None
+    return lambda examples: method.prepare_examples(examples, cfg.method)
 
 
 def _total_steps(cfg: Config, plan: BatchPlan) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
-
-
-def build_optimizer(model: TokenModel, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters. A method's own module (mask networks) has its own weight decay
-    on its weight matrices (``method.mask_weight_decay``), none on biases and norms, as in SparsePO.
-
-    The fused implementation (CPU and CUDA) updates each tensor in place: no optimizer-wide temporaries, so
-    the step's peak memory is the states themselves (the for-each default allocates copies of all of them),
-    and it is several times faster on CPU."""
-    t = cfg.train
-    policy = [p for p in model.model.parameters() if p.requires_grad]
-    groups = [{"params": policy, "weight_decay": t.weight_decay}] if policy else []
-    if model.extra is not None:
-        named = [(n, p) for n, p in model.extra.named_parameters() if p.requires_grad]
-        decayed = [p for n, p in named if p.dim() >= 2]
-        plain = [p for n, p in named if p.dim() < 2]
-        groups += [
-            {"params": decayed, "weight_decay": cfg.method.mask_weight_decay},
-            {"params": plain, "weight_decay": 0.0},
-        ]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise TrainingError("The model has no trainable parameters.")
-    params = [p for g in groups for p in g["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), fused=fused)
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -292,6 +171,7 @@ def train(cfg: Config) -> RunResult:
     )
     set_seed(cfg.train.seed)
     method = get_method(cfg.method.name)
+    cfg.method = method_options(cfg.method)
     config_tree = to_dict(cfg)
 
     resume_from = resolve_resume(output_dir, cfg.train.resume)
@@ -316,7 +196,13 @@ def train(cfg: Config) -> RunResult:
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(bundle.policy)
     with accelerator.main_process_first():
-        data: PreparedData = prepare_data(cfg, bundle, accelerator.is_main_process)
+        data: PreparedData = prepare_data(
+            cfg,
+            bundle,
+            accelerator.is_main_process,
+            mismatched=Need.MISMATCHED in method.needs,
+            rewrite=_example_rewrite(method, cfg),
+        )
     plan = BatchPlan(
         len(data.train), cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes, cfg.train.seed
     )
@@ -328,16 +214,20 @@ def train(cfg: Config) -> RunResult:
     total = _total_steps(cfg, plan)
 
     extra = None
-    if method.build_module is not None:
-        extra = method.build_module(cfg.method, unwrap_causal_lm(bundle.policy).config, cfg.train.seed)
+    if method.module is not None:
+        extra = method.module(cfg.method, unwrap_causal_lm(bundle.policy).config, cfg.train.seed)
         extra.to(accelerator.device)
-    features = build_feature_probe(cfg, bundle, accelerator.device) if method.needs_features else None
+    features = None
+    if Need.SAE_FEATURES in method.needs:
+        from sparsealign.sae.probe import build_feature_probe
+
+        features = build_feature_probe(cfg.sae, bundle.policy, accelerator.device)
     cache = None
     if cached:
         cache = prepare_reference_cache(cfg, bundle, data, features, digest, accelerator.device)
     bundle.untrained = False  # from here on the policy is no longer the reference
     policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra, features)
-    optimizer = build_optimizer(policy, cfg)
+    optimizer = build_optimizer(policy, cfg, method)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total)
     scheduler = build_scheduler(optimizer, warmup, total, cfg.train.schedule)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -393,11 +283,11 @@ def train(cfg: Config) -> RunResult:
             micro = plan.micro_batches(state.step, accelerator.process_index)
             for indices in micro:
                 items = [data.train[j] for j in indices]
-                batch = collate_pairs(items, pad, cfg.data.padding_side, not method.paired).to(
+                batch = collate_pairs(items, pad, cfg.data.padding_side, method.rows == "chosen").to(
                     accelerator.device
                 )
                 with accelerator.accumulate(policy):  # syncs gradients and steps only on the last micro-batch
-                    out = compute_loss(policy, bundle, method, cfg, batch, items, cache)
+                    out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, cache))
                     accelerator.backward(out.loss)  # divides by grad_accum
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
@@ -456,14 +346,11 @@ def train(cfg: Config) -> RunResult:
         final = save_final(bundle, output_dir / "final", merge=cfg.model.merge_final)
         if unwrapped.extra is not None:
             save_method_module(unwrapped.extra, cfg.method, final)
-    report = None
-    if cfg.eval.generate and data.eval_prompts and accelerator.is_main_process:
-        from sparsealign.eval.report import evaluate_generations
-
-        if bundle.reference is None and not bundle.is_lora:  # trained from a cache: load it for the KL
+    trained = None
+    if accelerator.is_main_process:
+        if cfg.eval.generate and bundle.reference is None and not bundle.is_lora:
+            # trained from a cache: load the reference for the evaluation's KL
             bundle.reference = load_reference(cfg.model, cfg.train.seed, accelerator.device, digest)
-        report = evaluate_generations(
-            bundle, data.reward, data.eval_prompts, cfg.eval, cfg.train.seed, output_dir
-        )
+        trained = TrainedModels(bundle, data, accelerator.device)
     accelerator.end_training()
-    return RunResult(output_dir, state.step, interrupted, final_metrics, eval_metrics, report)
+    return RunResult(output_dir, state.step, interrupted, final_metrics, eval_metrics, trained=trained)

@@ -1,0 +1,22 @@
+"""IPO (Azar et al. 2023, arXiv:2310.12036): a squared loss on the length-normalised log-ratio margin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsealign.losses import LossOutput, ipo_loss
+from sparsealign.methods.base import Method, MethodOptions, Need, StepOutputs, option
+from sparsealign.methods.registry import register
+
+
+@dataclass
+class IPOOptions(MethodOptions):
+    beta: float = option("τ, the regularisation strength: the margin target is 1/(2τ).", 0.1)
+
+
+def ipo(out: StepOutputs, options: IPOOptions) -> LossOutput:
+    (pc, pr), (rc, rr) = out.policy_pair(), out.reference_pair()
+    return ipo_loss(pc.logps, pr.logps, rc.logps, rr.logps, pc.mask, pr.mask, tau=options.beta)
+
+
+register(Method("ipo", ipo, IPOOptions, {Need.REFERENCE_LOGPS}, "IPO (Azar et al. 2023)"))

@@ -1,0 +1,89 @@
+"""KTO (Ethayarajh et al. 2024, arXiv:2402.01306) on paired data, and KTO-zero (HALOs' KTOZero: the reference
+point fixed at 0, so no mismatched forward)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sparsealign.config import Config, ConfigError
+from sparsealign.losses import LossOutput, kto_loss, kto_reference_point
+from sparsealign.methods.base import Method, MethodOptions, Need, StepOutputs, option
+from sparsealign.methods.registry import register
+
+
+@dataclass
+class KTOOptions(MethodOptions):
+    beta: float = option("Inverse temperature β of the value function.", 0.1)
+    desirable_weight: float = option("λ_D, weight of the desirable (chosen) examples' losses.", 1.0)
+    undesirable_weight: float = option("λ_U, weight of the undesirable (rejected) examples' losses.", 1.0)
+
+
+def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over every process's rows (``values.mean()`` in a single process), so that all
+    processes use the same KTO reference point, as TRL and HALOs do."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values.mean()
+    totals = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp_min(1)).to(values.dtype)
+
+
+def _kto(out: StepOutputs, options: KTOOptions, z0: torch.Tensor | float) -> LossOutput:
+    (pc, pr), (rc, rr) = out.policy_pair(), out.reference_pair()
+    return kto_loss(
+        pc.logps, pr.logps, rc.logps, rr.logps, pc.mask, pr.mask, z0,
+        beta=options.beta, desirable_weight=options.desirable_weight,
+        undesirable_weight=options.undesirable_weight,
+    )  # fmt: skip
+
+
+def kto(out: StepOutputs, options: KTOOptions) -> LossOutput:
+    mp, mr = out.mismatched_policy, out.mismatched_reference
+    if mp is None or mr is None:
+        raise ValueError("KTO needs the log-probs of the mismatched responses")
+    z0 = kto_reference_point(mp.logps, mr.logps, mp.mask, average=mean_over_processes)
+    return _kto(out, options, z0)
+
+
+def kto_zero(out: StepOutputs, options: KTOOptions) -> LossOutput:
+    return _kto(out, options, 0.0)
+
+
+def _check(config: Config) -> None:
+    m = config.method
+    if m.desirable_weight < 0 or m.undesirable_weight < 0:
+        raise ConfigError("'method.desirable_weight' and 'method.undesirable_weight' must be >= 0.")
+    ratio = m.desirable_weight / max(m.undesirable_weight, 1e-12)
+    if not 1.0 <= ratio <= 4 / 3:
+        logging.getLogger("sparsealign.config").warning(
+            "KTO: desirable_weight / undesirable_weight = %.3g; the KTO paper recommends a ratio in [1, 4/3] "
+            "for paired data (as many desirable as undesirable examples).",
+            ratio,
+        )
+
+
+register(
+    Method(
+        "kto",
+        kto,
+        KTOOptions,
+        {Need.REFERENCE_LOGPS, Need.MISMATCHED},
+        "KTO (Ethayarajh et al. 2024)",
+        check=_check,
+    )
+)
+register(
+    Method(
+        "kto-zero",
+        kto_zero,
+        KTOOptions,
+        {Need.REFERENCE_LOGPS},
+        "KTO with the reference point fixed at 0 (HALOs' KTOZero)",
+        check=_check,
+    )
+)

@@ -1,0 +1,213 @@
+"""The step's components: what one batch goes through between collation and the optimizer.
+
+:func:`step_outputs` meets a method's needs (``Method.needs``) with one provider per need and returns the
+per-token outputs its loss reads; :func:`compute_loss` feeds them to the method. Order inside a step:
+
+1. the reference side (only if a need uses it): from the offline cache, or one gradient-free forward of
+   the reference model asking only for what the needs want (hidden states of the method module's layers,
+   activations for a mask, pooled SAE codes; no output head when the policy's forward computes the token
+   KL, which then returns the reference log-probs from the same logits);
+2. the policy forward through the one per-token log-prob path (with the method's module, if any);
+3. the needs that use both sides afterwards (mismatched rows for KTO's reference point).
+
+The loop (``sparsealign.train.loop``) never names a method: it calls these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsealign.config import Config
+from sparsealign.data.collate import Batch, collate_mismatched
+from sparsealign.data.examples import TokenizedPair
+from sparsealign.losses import LossOutput
+from sparsealign.methods import Method, Need, StepOutputs
+from sparsealign.models.loading import ModelBundle
+from sparsealign.models.logprobs import Head, TokenModel, TokenOutputs, output_head
+from sparsealign.refcache import ReferenceCache
+
+
+@dataclass
+class StepInputs:
+    """Everything a step reads besides the policy: the method and its options, the batch and the pairs it
+    was collated from (the cache is keyed by pairs), the models and the reference cache."""
+
+    method: Method
+    options: Any
+    batch: Batch
+    pairs: Sequence[TokenizedPair]
+    bundle: ModelBundle
+    cache: ReferenceCache | None = None
+    padding_side: str = "right"
+
+
+@dataclass
+class ReferenceSide:
+    """The reference's outputs on the batch, before the policy forward: per-token outputs (log-probs, or
+    only hidden rows when the policy's forward will take them from the token-KL logits), the reference's
+    output head when the token KL is needed, and an activation mask."""
+
+    outputs: TokenOutputs
+    head: Head | None = None
+    activation_mask: torch.Tensor | None = None
+
+
+def _token_model(policy: torch.nn.Module) -> TokenModel:
+    return getattr(policy, "module", policy)
+
+
+def activation_mask_for(ref_model: torch.nn.Module, types: Any, batch: Batch, run: Callable[[], Any]):
+    """Run ``run()`` (a reference forward) while capturing ``types`` of activations and return its result with
+    the MaPO mask built from them (``types``: an ``ActivationSpec`` of ``models.activations``); an empty one
+    captures nothing and gives the all-ones mask (TDPO1's
+    weighting, MaPO's ``uniform``)."""
+    if not types:
+        return run(), batch.response_mask.float()
+    from sparsealign.masks import activation_mask
+    from sparsealign.models.activations import capture_activations
+
+    with capture_activations(ref_model, types, batch) as groups:
+        result = run()
+    return result, activation_mask(groups, batch.response_mask)
+
+
+def reference_forward(
+    ref_model: torch.nn.Module, token_model: TokenModel, inputs: StepInputs
+) -> ReferenceSide:
+    """One gradient-free reference forward asking only for what the method's needs want."""
+    needs = inputs.method.needs
+    module = token_model.extra
+    layers = module.layers() if (Need.REFERENCE_LAYERS in needs and module is not None) else ()
+    kl = Need.TOKEN_KL in needs
+    tokens = TokenModel(ref_model, token_model.chunk, features=token_model.features)
+
+    def run() -> TokenOutputs:
+        return tokens(inputs.batch, layers=layers, head=not kl)
+
+    mask = None
+    if Need.ACTIVATION_MASK in needs:
+        types = inputs.method.activation_types(inputs.options)
+        outputs, mask = activation_mask_for(ref_model, types, inputs.batch, run)
+    else:
+        outputs = run()
+    return ReferenceSide(outputs, output_head(ref_model) if kl else None, mask)
+
+
+def reference_side(token_model: TokenModel, inputs: StepInputs) -> ReferenceSide | None:
+    """Provider of the reference needs: the cache when there is one, else the reference model."""
+    if not inputs.method.needs_reference:
+        return None
+    if inputs.cache is not None:
+        return ReferenceSide(inputs.cache.outputs(inputs.pairs, inputs.batch))
+    with torch.no_grad(), inputs.bundle.reference_model() as ref_model:
+        return reference_forward(ref_model, token_model, inputs)
+
+
+def mismatched_outputs(policy: torch.nn.Module, inputs: StepInputs) -> tuple[TokenOutputs, TokenOutputs]:
+    """Provider of ``Need.MISMATCHED``: policy and reference log-probs, without gradients, of each pair's
+    two mismatched rows, 2B in all (its prompt with other prompts' responses, fixed with the data)."""
+    pairs = inputs.pairs
+    if not pairs or pairs[0].mismatched_ids is None:
+        raise ValueError(
+            "mismatched rows need the pairs the batch was collated from, prepared with their mismatched responses"
+        )
+    pad = inputs.bundle.tokenizer.pad_token_id
+    rows = collate_mismatched(pairs, pad, inputs.padding_side).to(inputs.batch.input_ids.device)
+    with torch.no_grad():
+        if inputs.cache is not None:
+            reference = inputs.cache.mismatched_outputs(pairs, rows)
+        else:
+            with inputs.bundle.reference_model() as ref_model:
+                reference = TokenModel(ref_model, _token_model(policy).chunk)(rows)
+        return _token_model(policy)(rows, run_extra=False), reference
+
+
+AFTER_POLICY: dict[Need, Callable[[torch.nn.Module, StepInputs, StepOutputs], None]] = {
+    Need.MISMATCHED: lambda policy, inputs, out: _fill_mismatched(policy, inputs, out),
+}
+"""Providers that run after the policy forward, by need."""
+
+
+def _fill_mismatched(policy: torch.nn.Module, inputs: StepInputs, out: StepOutputs) -> None:
+    out.mismatched_policy, out.mismatched_reference = mismatched_outputs(policy, inputs)
+
+
+def step_outputs(policy: torch.nn.Module, inputs: StepInputs) -> StepOutputs:
+    """The per-token outputs of one batch that the method's needs ask for (see the module docstring)."""
+    token_model = _token_model(policy)
+    reference = reference_side(token_model, inputs)
+    ref_outputs = reference.outputs if reference is not None else None
+    ref_head = reference.head if reference is not None else None
+    out = policy(inputs.batch, reference=ref_outputs, reference_head=ref_head)
+    if ref_outputs is not None:
+        # the reference's log-probs come from the token-KL logits when the policy forward computed them;
+        # its hidden states have served the method's module and are not kept for the backward pass
+        logps = out.reference_logps if out.reference_logps is not None else ref_outputs.logps
+        ref_outputs = dataclasses.replace(ref_outputs, logps=logps, layers={})
+    result = StepOutputs(
+        out,
+        ref_outputs,
+        inputs.batch.num_pairs,
+        reference.activation_mask if reference is not None else None,
+    )
+    for need in sorted(inputs.method.needs, key=lambda n: n.value):
+        provide = AFTER_POLICY.get(need)
+        if provide is not None:
+            provide(policy, inputs, result)
+    return result
+
+
+def compute_loss(policy: torch.nn.Module, inputs: StepInputs) -> LossOutput:
+    """The method's loss on one batch."""
+    return inputs.method.loss(step_outputs(policy, inputs), inputs.options)
+
+
+def step_inputs(
+    cfg: Config,
+    method: Method,
+    bundle: ModelBundle,
+    batch: Batch,
+    pairs: Sequence[TokenizedPair] = (),
+    cache: ReferenceCache | None = None,
+) -> StepInputs:
+    return StepInputs(method, cfg.method, batch, pairs, bundle, cache, cfg.data.padding_side)
+
+
+def parameter_groups(model: TokenModel, cfg: Config, method: Method) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the policy's trainable parameters with ``train.weight_decay``; a method's own
+    module with the method's weight decay on its weight matrices and none on biases and norms (SparsePO)."""
+    policy = [p for p in model.model.parameters() if p.requires_grad]
+    groups = [{"params": policy, "weight_decay": cfg.train.weight_decay}]
+    if model.extra is not None:
+        decay = (
+            method.module_weight_decay(cfg.method)
+            if method.module_weight_decay is not None
+            else cfg.train.weight_decay
+        )
+        named = [(n, p) for n, p in model.extra.named_parameters() if p.requires_grad]
+        groups += [
+            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": decay},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: TokenModel, cfg: Config, method: Method) -> torch.optim.Optimizer:
+    """AdamW over :func:`parameter_groups`.
+
+    The fused implementation (CPU and CUDA) updates each tensor in place: no optimizer-wide temporaries, so
+    the step's peak memory is the states themselves (the for-each default allocates copies of all of them),
+    and it is several times faster on CPU."""
+    from sparsealign.errors import UserError
+
+    groups = parameter_groups(model, cfg, method)
+    if not groups:
+        raise UserError("The model has no trainable parameters.")
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), fused=fused)
