@@ -1,6 +1,6 @@
 """FPO with the offline reference cache against TDPO2 and DPO with a live reference, and DPO with the cache.
 
-Every variant runs the library's training step (``train.loop.compute_loss``, backward, clipping, AdamW) on
+Every variant runs the library's training step (``train.step.compute_loss``, backward, clipping, AdamW) on
 the same model, the same pairs and the same batch. The reference cache of those pairs (log-probs and, for
 FPO, pooled SAE codes) is built once beforehand, as ``sparsealign cache`` would.
 
@@ -30,15 +30,16 @@ from pathlib import Path
 import torch
 from train_step import _status_mb
 
-from sparsealign.recipes.load import load_config
 from sparsealign.data.collate import collate_pairs
 from sparsealign.data.examples import TokenizedPair
-from sparsealign.methods import get_method
+from sparsealign.methods import Need, get_method
 from sparsealign.models.loading import enable_gradient_checkpointing, load_bundle
 from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
+from sparsealign.recipes.load import load_config
 from sparsealign.refcache import ReferenceCache, run_identity, weights_digest
 from sparsealign.refcache.build import build_cache
-from sparsealign.train.loop import build_feature_probe, build_optimizer, compute_loss
+from sparsealign.sae.probe import build_feature_probe
+from sparsealign.train.step import build_optimizer, compute_loss, step_inputs
 
 VARIANTS = {  # name: (method, uses the cache)
     "fpo_cache": ("fpo", True),
@@ -101,18 +102,18 @@ def setup(args, name: str, cache: Path, device: torch.device, bundle=None):
         bundle = load_bundle(cfg.model, 0, device, need_reference=method.needs_reference and not cached)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(bundle.policy)
-    probe = build_feature_probe(cfg, bundle, device) if method.needs_features else None
+    probe = build_feature_probe(cfg.sae, bundle.policy, device) if Need.SAE_FEATURES in method.needs else None
     ref_cache = None
     if cached:
         digest = weights_digest(unwrap_causal_lm(bundle.policy))
         ref_cache = ReferenceCache(cache_folder(cache, cfg), run_identity(cfg, bundle, probe, digest))
     policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, features=probe).train()  # as the trainer
-    optimizer = build_optimizer(policy, cfg)  # the library's AdamW (fused)
+    optimizer = build_optimizer(policy, cfg, method)  # the library's AdamW (fused)
     items = make_pairs(len(bundle.tokenizer), args.pairs, args.length)
     batch = collate_pairs(items, bundle.tokenizer.pad_token_id).to(device)
 
     def step() -> float:
-        out = compute_loss(policy, bundle, method, cfg, batch, items, ref_cache)
+        out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, ref_cache))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
@@ -123,7 +124,7 @@ def setup(args, name: str, cache: Path, device: torch.device, bundle=None):
 
 
 def cache_folder(root: Path, cfg) -> Path:
-    return root / ("with-sae" if cfg.method.name == "fpo" else "logps")
+    return root / ("with-sae" if Need.SAE_FEATURES in get_method(cfg.method.name).needs else "logps")
 
 
 def build_caches(args, root: Path, device: torch.device) -> None:
@@ -132,7 +133,8 @@ def build_caches(args, root: Path, device: torch.device) -> None:
         cfg = config(args, name, root)
         cfg.reference.cache = str(cache_folder(root, cfg))
         bundle = load_bundle(cfg.model, 0, device, need_reference=False)
-        probe = build_feature_probe(cfg, bundle, device) if cfg.method.name == "fpo" else None
+        needs_sae = Need.SAE_FEATURES in get_method(cfg.method.name).needs
+        probe = build_feature_probe(cfg.sae, bundle.policy, device) if needs_sae else None
         items = make_pairs(len(bundle.tokenizer), args.pairs, args.length)
         digest = weights_digest(unwrap_causal_lm(bundle.policy))
         expected = run_identity(cfg, bundle, probe, digest)

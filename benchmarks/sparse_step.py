@@ -1,6 +1,6 @@
 """Step time of the token-level methods (TDPO1, SparsePO, MaPO) relative to DPO on the same data.
 
-All methods run through the library's training step (`train.loop.compute_loss`, backward, AdamW) on one
+All methods run through the library's training step (`train.step.compute_loss`, backward, AdamW) on one
 model and one batch, alternating in one process; the ratio of median step times to DPO's is printed.
 
     python benchmarks/sparse_step.py --model tiny-random-llama
@@ -17,11 +17,11 @@ import time
 import torch
 from train_step import make_batch
 
-from sparsealign.recipes.load import load_config
 from sparsealign.methods import get_method
 from sparsealign.models.loading import load_bundle
 from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
-from sparsealign.train.loop import compute_loss
+from sparsealign.recipes.load import load_config
+from sparsealign.train.step import compute_loss, step_inputs
 
 METHODS = ("dpo", "tdpo1", "sparsepo", "mapo")
 
@@ -44,15 +44,15 @@ def main() -> None:
             batch = make_batch(bundle.tokenizer, args.pairs, args.length)
         method = get_method(name)
         extra = None
-        if method.build_module is not None:
-            extra = method.build_module(cfg.method, unwrap_causal_lm(bundle.policy).config, 0)
+        if method.module is not None:
+            extra = method.module(cfg.method, unwrap_causal_lm(bundle.policy).config, 0)
         policy = TokenModel(bundle.policy, cfg.train.logprob_chunk, extra)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
 
         def step(
             cfg=cfg, method=method, policy=policy, optimizer=optimizer, bundle=bundle, batch=batch
         ) -> None:
-            out = compute_loss(policy, bundle, method, cfg, batch)
+            out = compute_loss(policy, step_inputs(cfg, method, bundle, batch))
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

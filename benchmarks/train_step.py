@@ -21,13 +21,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsealign.recipes.load import load_config
 from sparsealign.data.collate import Batch, collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.methods import get_method
 from sparsealign.models.loading import load_bundle
 from sparsealign.models.logprobs import TokenModel
-from sparsealign.train.loop import compute_loss
+from sparsealign.recipes.load import load_config
+from sparsealign.train.step import compute_loss, step_inputs
 
 
 def plain_dpo_step(policy, reference_model, optimizer, batch: Batch, beta: float = 0.1) -> float:
@@ -76,7 +76,7 @@ def setup(model_name: str, lora: bool):
 
 
 def library_step(cfg, bundle, policy, optimizer, batch) -> float:
-    out = compute_loss(policy, bundle, get_method("dpo"), cfg, batch)
+    out = compute_loss(policy, step_inputs(cfg, get_method("dpo"), bundle, batch))
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "io": 0,
     "hub": 0,
     "plugins": 0,
+    "version": 0,
     "config": 1,
     "data": 2,
     "models": 2,

@@ -13,16 +13,16 @@ import torch
 from sparsealign.cli import main
 from sparsealign.config import ConfigError
 from sparsealign.data.examples import TokenizedPair
+from sparsealign.methods import Need, cacheable_methods, get_method
 from sparsealign.models import loading
 from sparsealign.models.digest import weights_digest
 from sparsealign.recipes.load import load_config
 from sparsealign.refcache import CacheError, describe_mismatch, pair_key
 from sparsealign.refcache.build import sparse_code
-from sparsealign.methods import Need, cacheable_methods, get_method
-from sparsealign.train.reference_cache import cache_run
 from sparsealign.refcache.store import read_header, split_file, write_split
 from sparsealign.train import step
 from sparsealign.train.loop import train
+from sparsealign.train.reference_cache import cache_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs/smoke.yaml"
@@ -370,3 +370,32 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path):
         assert sorted(one) == sorted(two) and "mismatched_logps" in one
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fpo_pool_positions_reach_the_probe_and_key_the_cache(tmp_path):
+    """method.pool_positions=predicting (the released FPO code's positions) pools at the predicting positions,
+    trains, and a cache built for one pooling is refused for the other (its features differ)."""
+    sae = _random_sae(tmp_path / "sae")
+    cache = tmp_path / "cache"
+    predicting = smoke(
+        tmp_path / "p",
+        *FPO,
+        f"sae.path={sae}",
+        "method.pool_positions=predicting",
+        f"reference.cache={cache}",
+    )
+    assert predicting.method.pool_positions == "predicting"
+    result = train(predicting)
+    assert result.steps > 0 and math.isfinite(result.final_metrics["loss"])
+    header = read_header(split_file(cache, "train"))
+    assert "predicting" in json.dumps(header)
+    with pytest.raises(CacheError, match="positions"):
+        train(
+            smoke(
+                tmp_path / "r",
+                *FPO,
+                f"sae.path={sae}",
+                f"reference.cache={cache}",
+                "reference.build_missing=false",
+            )
+        )

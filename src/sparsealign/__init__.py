@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from sparsealign.version import __version__
 
 _API = ("RunResult", "load_config")
 

@@ -140,7 +140,7 @@ def split_prompts(
 
 def pairs_cache_key(config: Any, reward: RewardModel, model_id: str | None) -> str:
     """sha256 over everything that determines the pairs."""
-    import sparsealign
+    from sparsealign.version import __version__
 
     model = config.model
     blob = {
@@ -152,7 +152,7 @@ def pairs_cache_key(config: Any, reward: RewardModel, model_id: str | None) -> s
         "reward": reward_fingerprint(reward),
         "data_size": reviews_file().stat().st_size,
         "heldout_fraction": HELDOUT_FRACTION,
-        "version": sparsealign.__version__,
+        "version": __version__,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -174,7 +174,7 @@ def make_pairs(
 
     Returns the pairs and the number of prompts dropped as ties (reward gap <= ``min_reward_gap``).
     """
-    from sparsealign.sample.generate import decode_continuation, sample_continuations
+    from sparsealign.models.generate import decode_continuation, sample_continuations
 
     prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     samples = sample_continuations(

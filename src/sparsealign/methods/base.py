@@ -109,6 +109,7 @@ class Method:
     forward as ``module(policy_outputs, reference_outputs)`` (SparsePO's mask networks, PPO's value head);
     its parameters get ``module_weight_decay(options)`` on weight matrices (none on biases and norms).
     ``activation_types(options)``: reference activations to capture for ``Need.ACTIVATION_MASK``.
+    ``sae_pooling(options)``: where ``Need.SAE_FEATURES`` averages the SAE codes (``"response"`` when unset).
     ``prepare_examples(examples, options)``: rewrites the examples before tokenisation (conditional SFT's
     control tokens). ``check(config)``: method-specific validation, raising ``ConfigError``. ``aliases``:
     other programs' option names, ``{alias: (option, convert)}``, accepted with a note (an empty ``option``:
@@ -125,6 +126,7 @@ class Method:
     module: ModuleBuilder | None = None
     module_weight_decay: Callable[[Any], float] | None = None
     activation_types: Callable[[Any], Any] | None = None
+    sae_pooling: Callable[[Any], str] | None = None
     prepare_examples: Callable[[list, Any], list] | None = None
     check: Callable[[Config], None] | None = None
     aliases: dict[str, tuple[str, Callable[[Any], Any]]] = field(default_factory=dict)

@@ -22,6 +22,11 @@ class FPOOptions(MethodOptions):
         "Whose top-k features are constrained: the reference's, the policy's, or their union.", "reference"
     )
     stop_grad_chosen: bool = option("Stop the gradient through the chosen response's feature distance.", True)
+    pool_positions: Literal["response", "predicting"] = option(
+        "Where SAE codes are averaged: the response tokens' own positions (the paper's formula), or the "
+        "positions that predict them (the released FPO code: the last prompt token included, EOS excluded).",
+        "response",
+    )
 
 
 def fpo(out: StepOutputs, options: FPOOptions) -> LossOutput:
@@ -54,5 +59,6 @@ register(
         {Need.REFERENCE_LOGPS, Need.SAE_FEATURES},
         "FPO, sparse-autoencoder feature constraint",
         check=_check,
+        sae_pooling=lambda options: options.pool_positions,
     )
 )

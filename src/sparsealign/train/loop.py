@@ -53,7 +53,7 @@ from sparsealign.train.checkpoint import (
     truncate_metrics,
 )
 from sparsealign.train.schedule import build_scheduler
-from sparsealign.train.step import build_optimizer, compute_loss, step_inputs
+from sparsealign.train.step import build_optimizer, compute_loss, sae_pooling, step_inputs
 
 logger = logging.getLogger("sparsealign.train")
 
@@ -221,7 +221,7 @@ def train(cfg: Config) -> RunResult:
     if Need.SAE_FEATURES in method.needs:
         from sparsealign.sae.probe import build_feature_probe
 
-        features = build_feature_probe(cfg.sae, bundle.policy, accelerator.device)
+        features = build_feature_probe(cfg.sae, bundle.policy, accelerator.device, sae_pooling(method, cfg))
     cache = None
     if cached:
         cache = prepare_reference_cache(cfg, bundle, data, features, digest, accelerator.device)

@@ -12,6 +12,7 @@ from sparsealign.methods import Need, cache_can_serve, cacheable_methods, get_me
 from sparsealign.refcache.build import build_cache
 from sparsealign.refcache.identity import run_identity
 from sparsealign.refcache.store import SPLITS, ReferenceCache, split_file
+from sparsealign.train.step import sae_pooling
 
 logger = logging.getLogger("sparsealign.refcache")
 
@@ -47,7 +48,7 @@ def cache_run(cfg: Config, force: bool = False) -> tuple[Path, bool]:
         data = prepare_data(cfg, bundle, state.is_main_process, mismatched=Need.MISMATCHED in method.needs)
     probe = None
     if Need.SAE_FEATURES in method.needs:
-        probe = build_feature_probe(cfg.sae, bundle.policy, device)
+        probe = build_feature_probe(cfg.sae, bundle.policy, device, sae_pooling(method, cfg))
     expected = run_identity(cfg, bundle, probe, digest)
     folder = Path(cfg.reference.cache)
     if not force and all(split_file(folder, s).is_file() for s in SPLITS):

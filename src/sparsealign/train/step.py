@@ -178,6 +178,11 @@ def step_inputs(
     return StepInputs(method, cfg.method, batch, pairs, bundle, cache, cfg.data.padding_side)
 
 
+def sae_pooling(method: Method, cfg: Config) -> str:
+    """Where the method averages SAE codes (``Need.SAE_FEATURES``): its ``sae_pooling`` or the response tokens."""
+    return method.sae_pooling(cfg.method) if method.sae_pooling is not None else "response"
+
+
 def parameter_groups(model: TokenModel, cfg: Config, method: Method) -> list[dict[str, Any]]:
     """AdamW parameter groups: the policy's trainable parameters with ``train.weight_decay``; a method's own
     module with the method's weight decay on its weight matrices and none on biases and norms (SparsePO)."""
