@@ -22,10 +22,10 @@ from sparsealign.config import Config, EvalConfig, PairsConfig, RewardConfig
 from sparsealign.data import imdb
 from sparsealign.data.sources import SourceData, SourceRequest, get_source
 from sparsealign.eval.report import evaluate_generations, sequence_kl
-from sparsealign.models.builtins import build_tiny_llama
-from sparsealign.rewards import RewardError, RewardModel, load_reward
 from sparsealign.models import generate
+from sparsealign.models.builtins import build_tiny_llama
 from sparsealign.models.generate import decode_continuation, sample_continuations
+from sparsealign.rewards import RewardError, RewardModel, load_reward
 
 PROMPTS = ["I loved this movie", "The plot was", "What a terrible waste of time and", "Honestly"]
 

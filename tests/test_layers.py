@@ -6,7 +6,7 @@ type checker: they still must not point up, but they cannot close a cycle at run
 
 Layers, low to high (a module may import its own layer and lower ones, never a higher one):
 
-0. ``errors``, ``io``, ``hub``, ``plugins`` (importing a user's ``file.py:name``): helpers;
+0. ``errors``, ``io``, ``hub``, ``version``, ``plugins`` (importing a user's ``file.py:name``): helpers;
 1. ``config``;
 2. components: ``data``, ``models``, ``losses``, ``masks``, ``sae``, ``rewards``, ``refcache`` (they may
    import one another, as long as no cycle forms);

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsealign.recipes.load import load_config
 from sparsealign.errors import UserError
 from sparsealign.eval.masks_page import compute_masks, write_masks_page
+from sparsealign.recipes.load import load_config
 from sparsealign.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,12 @@
 """Offline PPO (HALOs): terminal rewards, GAE and whitening by hand, the clipped objective by hand, masking,
-gradients, and the value head (shape, dtype, detached input, state_dict round trip, on a tiny model)."""
+gradients, and the value head (shape, dtype, detached input, state_dict round trip, on a tiny model); then the
+method: its step against a closed-form GAE, the value head's own gradient clip, and the value head saved in
+``final/``, loaded, and resumed with the policy."""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from pathlib import Path
 
@@ -308,3 +312,217 @@ def test_ppo_step_on_a_tiny_model():
     loss.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# --- the method: one step through the trainer's step components ---------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs/smoke.yaml"
+
+
+def test_method_step_matches_closed_form_gae():
+    """The method's step on 3 tiny pairs, policy = reference (ρ = 1, so no token is clipped), γ = 0.9,
+    λ = 0.8. Per row of length L with score R (+1 for the 3 chosen rows, −1 for the 3 rejected ones) and the
+    value head's own V (V_L = 0):
+
+        δ_t = R·[t = L−1] + γ V_{t+1} − V_t,   A_t = Σ_k (γλ)^k δ_{t+k},   G_t = γ^{L−1−t} R,
+
+    the closed forms of GAE's recursion and of the returns; Â = whiten(A) over the M tokens of the batch. The
+    loss then has ∂/∂log π_t = (−Â_t + kl_weight) / M and ∂/∂V_t = critic_weight (V_t − G_t) / M, which
+    recovers Â and G token by token from the real step (values, rewards, GAE and loss wired together)."""
+    from sparsealign.data.collate import collate_pairs
+    from sparsealign.methods import get_method
+    from sparsealign.models.loading import ModelBundle
+    from sparsealign.models.logprobs import TokenModel
+    from sparsealign.train.step import StepInputs, step_outputs
+    from tiny_models import random_pairs, tiny_llama
+
+    gamma, lam, critic_weight, kl_weight = 0.9, 0.8, 0.5, 0.1
+    method = get_method("ppo")
+    options = method.options(
+        name="ppo", gamma=gamma, gae_lambda=lam, critic_weight=critic_weight, kl_weight=kl_weight,
+        value_head_dropout=0.0,
+    )  # fmt: skip
+    model = tiny_llama(seed=0)
+    bundle = ModelBundle(model, tokenizer=None, reference=copy.deepcopy(model))
+    policy = TokenModel(model, extra=method.module(options, model.config, 0)).train()
+    pairs = random_pairs(3, seed=1)
+    batch = collate_pairs(pairs, pad_id=2)
+    out = step_outputs(policy, StepInputs(method, options, batch, pairs, bundle))
+    values, logps, mask = out.policy.extra, out.policy.logps, out.policy.mask
+    assert_close(values[mask], policy.extra.head(out.policy.head_inputs))  # the head's values, scattered
+    assert (values[~mask] == 0).all() and values.dtype == torch.float32
+    values.retain_grad()
+    logps.retain_grad()
+    result = method.loss(out, options)
+    result.loss.backward()
+
+    raw, returns = [], []
+    for n, length in enumerate(mask.sum(-1).tolist()):
+        score = 1.0 if n < 3 else -1.0
+        v = values[n, :length].tolist() + [0.0]
+        delta = [(score if t == length - 1 else 0.0) + gamma * v[t + 1] - v[t] for t in range(length)]
+        raw += [sum((gamma * lam) ** k * delta[t + k] for k in range(length - t)) for t in range(length)]
+        returns += [gamma ** (length - 1 - t) * score for t in range(length)]
+    tokens = len(raw)
+    advantages = t(whiten(raw))
+    returns_t = t(returns)
+    assert_close(logps.grad[mask].double(), (-advantages + kl_weight) / tokens, atol=1e-6, rtol=1e-5)
+    expected = critic_weight * (values[mask].detach().double() - returns_t) / tokens
+    assert_close(values.grad[mask].double(), expected, atol=1e-6, rtol=1e-5)
+    assert (logps.grad[~mask] == 0).all() and (values.grad[~mask] == 0).all()
+    assert_close(result.metrics["ppo/returns/mean"].double(), returns_t.mean(), atol=1e-6, rtol=1e-6)
+    assert_close(result.metrics["ppo/policy/ratio"], torch.tensor(1.0))
+    assert_close(result.metrics["ppo/loss/policy"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    critic = 0.5 * ((values[mask].detach().double() - returns_t) ** 2).mean()
+    assert_close(result.loss.double(), critic_weight * critic, atol=1e-6, rtol=1e-5)
+
+
+def test_value_head_gradient_is_clipped_apart_from_the_policy():
+    """With ``value_head_max_grad_norm`` the value head's gradients are clipped to it on their own and the
+    language model's to ``train.max_grad_norm`` (the returned norm is the model's alone); with null, all
+    together, as for every other method."""
+    from accelerate import Accelerator
+
+    from sparsealign.methods import get_method
+    from sparsealign.models.logprobs import TokenModel
+    from sparsealign.train.step import clip_gradients
+    from tiny_models import tiny_llama
+
+    method = get_method("ppo")
+    accelerator = Accelerator(cpu=True)
+
+    def norm(params) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+    for own in (0.1, None):
+        model = tiny_llama(seed=0)
+        options = method.options(name="ppo", value_head_max_grad_norm=own)
+        policy = TokenModel(model, extra=method.module(options, model.config, 0))
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.01)
+        for p in policy.extra.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        lm_norm, head_norm = norm(model.parameters()), norm(policy.extra.parameters())
+        assert lm_norm > 1.0 and head_norm > 1.0
+        returned = clip_gradients(accelerator, policy, 1.0)
+        if own is not None:
+            assert float(returned) == pytest.approx(lm_norm, rel=1e-5)
+            assert norm(policy.extra.parameters()) == pytest.approx(0.1, rel=1e-4)
+            assert norm(model.parameters()) == pytest.approx(1.0, rel=1e-4)
+        else:
+            assert float(returned) == pytest.approx(math.hypot(lm_norm, head_norm), rel=1e-5)
+            assert norm(policy.parameters()) == pytest.approx(1.0, rel=1e-4)
+            ratio = norm(policy.extra.parameters()) / norm(model.parameters())
+            assert ratio == pytest.approx(head_norm / lm_norm, rel=1e-4)  # one common scale
+
+
+def test_bad_options_are_refused():
+    from sparsealign.config import ConfigError
+    from sparsealign.recipes.load import load_config
+
+    for bad, match in (
+        ("method.ratio_clip=1.5", "ratio_clip"),
+        ("method.gae_lambda=2", "gae_lambda"),
+        ("method.value_head_max_grad_norm=0", "value_head_max_grad_norm"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(SMOKE, ["method.name=ppo", bad])
+
+
+# --- the value head saved, loaded and resumed with the policy -------------------------------------------
+
+COMMON = ["method.name=ppo", "train.max_steps=6", "train.save_every=0", "train.eval_every=0"]
+
+
+def ppo_smoke(folder: Path, *overrides: str):
+    from sparsealign.recipes.load import load_config
+
+    base = [
+        f"output_dir={folder}",
+        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        "train.progress=false",
+    ]
+    return load_config(SMOKE, base + COMMON + list(overrides))
+
+
+def train_losses(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in rows if "loss" in m}
+
+
+def head_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The value head's tensors in a checkpoint, named as in the module (``extra.`` dropped)."""
+    weights = load_file(checkpoint / "trainable.safetensors")
+    return {k.removeprefix("extra."): v for k, v in weights.items() if k.startswith("extra.")}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    from sparsealign.train.loop import train
+
+    folder = tmp_path_factory.mktemp("ppo") / "full"
+    result = train(ppo_smoke(folder))
+    assert result.steps == 6
+    return folder
+
+
+def test_final_holds_the_trained_value_head_and_loads_it(full_run):
+    """``final/`` holds the value head (``method_module.*``) and the options that built it;
+    ``load_method_module`` rebuilds it with the trained weights (those of the last checkpoint, and not the
+    initial ones)."""
+    from transformers import AutoConfig
+
+    from sparsealign.methods import MODULE_CONFIG, MODULE_WEIGHTS, get_method, load_method_module
+
+    final = full_run / "final"
+    assert (final / MODULE_WEIGHTS).is_file() and (final / MODULE_CONFIG).is_file()
+    config = AutoConfig.from_pretrained(final)
+    module, options = load_method_module(final, config)
+    assert options.name == "ppo" and (options.gamma, options.gae_lambda) == (0.99, 0.95)
+    assert module.max_grad_norm == options.value_head_max_grad_norm == 0.1
+    trained = head_weights(full_run / "checkpoints/step-6")
+    loaded = module.state_dict()
+    assert loaded.keys() == trained.keys() and any(k.startswith("head.summary.") for k in loaded)
+    for name, value in trained.items():
+        assert torch.equal(loaded[name], value), name
+    initial = get_method("ppo").module(options, config, 42).state_dict()  # the smoke recipe's seed
+    assert any(not torch.equal(initial[k], trained[k]) for k in trained), "the value head did not train"
+    hidden = torch.randn(5, config.hidden_size)
+    assert torch.isfinite(module.eval().head(hidden)).all()
+
+
+def test_kill_and_resume_reproduces_losses_and_value_head(full_run, tmp_path, monkeypatch):
+    """Ctrl-C during step 4 leaves a checkpoint at step 3; ``train.resume=auto`` finishes the run with the
+    uninterrupted run's losses (to 1e-6) and value head (the dropout masks come back with the RNG state)."""
+    from sparsealign.train import loop
+    from sparsealign.train.checkpoint import list_checkpoints
+
+    original = loop.compute_loss
+    calls = {"n": 0}
+
+    def interrupt_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # one micro-batch per step
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_loss", interrupt_at_step_4)
+    result = loop.train(ppo_smoke(tmp_path))
+    assert result.interrupted and result.steps == 3
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-3"]
+    assert set(head_weights(tmp_path / "checkpoints/step-3")) == set(
+        head_weights(full_run / "checkpoints/step-6")
+    )
+    monkeypatch.setattr(loop, "compute_loss", original)
+    result = loop.train(ppo_smoke(tmp_path, "train.resume=auto"))
+    assert result.steps == 6 and not result.interrupted
+    full, resumed = train_losses(full_run), train_losses(tmp_path)
+    assert sorted(resumed) == sorted(full) == list(range(1, 7))
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+    expected = head_weights(full_run / "checkpoints/step-6")
+    for name, value in head_weights(tmp_path / "checkpoints/step-6").items():
+        assert_close(value, expected[name], atol=1e-6, rtol=1e-5)
+    final = load_file(tmp_path / "final/method_module.safetensors")
+    assert_close(final, load_file(full_run / "final/method_module.safetensors"), atol=1e-6, rtol=1e-5)

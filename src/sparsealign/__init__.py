@@ -11,6 +11,8 @@ from typing import Any
 
 from sparsealign.version import __version__
 
+__all__ = ["RunResult", "__version__", "load_config"]
+
 _API = ("RunResult", "load_config")
 
 

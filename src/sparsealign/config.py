@@ -146,7 +146,9 @@ class SAEConfig:
     """The sparse autoencoder whose features FPO constrains (``sae.site=resid_post sae.layer=L``)."""
 
     path: str | None = _help(
-        "SAE folder or file (SAELens, Gemma Scope params.npz, EleutherAI sparsify) or a hub id.", default=None
+        "SAE folder or file (SAELens, Gemma Scope params.npz, EleutherAI sparsify), a hub id, or a built-in "
+        "name such as smollm2-135m-instruct-imdb (`sparsealign sae train --builtin NAME` builds it).",
+        default=None,
     )
     site: Literal["resid_post", "mlp_out"] = _help(
         "Hook site: a block's output, or its MLP's output.", default="resid_post"

@@ -83,13 +83,15 @@ def prepare_data(
     bundle: Any,
     is_main_process: bool = True,
     mismatched: bool = False,
-    rewrite: Callable[[list[PreferenceExample]], list[PreferenceExample]] | None = None,
+    prepare_pairs: Callable[[list[TokenizedPair]], list[TokenizedPair]] | None = None,
 ) -> PreparedData:
     """Load, validate and tokenise the configured data; fail with a clear message if nothing is usable.
 
-    ``mismatched``: also fix each pair's mismatched response (another prompt's chosen response), for methods
-    that need mismatched rows (KTO's reference point). ``rewrite``: a method's rewrite of the examples
-    before tokenisation (conditional SFT's control tokens)."""
+    ``mismatched``: also fix each pair's two mismatched responses (other prompts' responses, one for its
+    chosen row and one for its rejected row: ``data.mismatched``), for methods
+    that need mismatched rows (KTO's reference point). ``prepare_pairs``: a method's rewrite of the
+    tokenised pairs, applied to train and eval pairs before the mismatched rows are fixed (conditional SFT's
+    control prefixes)."""
     reward = LazyReward(config.reward)
     d = config.data
     eval_prompts: list[str] = []
@@ -110,10 +112,10 @@ def prepare_data(
         raise DataError(
             "No data configured: set data.path (a local file), data.dataset or data.source (e.g. imdb)."
         )
-    if rewrite is not None:
-        train_examples, eval_examples = rewrite(train_examples), rewrite(eval_examples)
     train = to_pairs(train_examples, bundle.tokenizer, d, "train")
     evaluation = to_pairs(eval_examples, bundle.tokenizer, d, "eval")
+    if prepare_pairs is not None:
+        train, evaluation = prepare_pairs(train), prepare_pairs(evaluation)
     if not train:
         raise DataError(
             f"None of the {len(train_examples)} training examples fit data.max_length={d.max_length}."

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsealign.data.examples import PreferenceExample
-from sparsealign.plugins import import_plugin, is_plugin_spec
 from sparsealign.errors import DataError
+from sparsealign.plugins import import_plugin, is_plugin_spec
 
 __all__ = [
     "BUILTIN_SOURCE_MODULES",

@@ -22,9 +22,9 @@ from torch import nn
 
 from sparsealign.data.collate import collate_sequences
 from sparsealign.io import atomic_write
+from sparsealign.models.generate import decode_continuation, model_device, pad_id_for, sample_continuations
 from sparsealign.models.logprobs import TokenModel
 from sparsealign.rewards.base import RewardModel
-from sparsealign.models.generate import decode_continuation, model_device, pad_id_for, sample_continuations
 
 
 def sequence_logps(

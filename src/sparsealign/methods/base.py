@@ -110,11 +110,12 @@ class Method:
     its parameters get ``module_weight_decay(options)`` on weight matrices (none on biases and norms).
     ``activation_types(options)``: reference activations to capture for ``Need.ACTIVATION_MASK``.
     ``sae_pooling(options)``: where ``Need.SAE_FEATURES`` averages the SAE codes (``"response"`` when unset).
-    ``prepare_examples(examples, options)``: rewrites the examples before tokenisation (conditional SFT's
-    control tokens). ``check(config)``: method-specific validation, raising ``ConfigError``. ``aliases``:
-    other programs' option names, ``{alias: (option, convert)}``, accepted with a note (an empty ``option``:
-    ``convert`` only checks the value, which is then dropped); ``name_aliases``:
-    other names of the method. ``summary``: one line (paper and year) for help and docs.
+    ``prepare_pairs(pairs, options, tokenizer, max_length)``: rewrites the token-exact pairs after
+    tokenisation, train and eval alike, and returns those to use (conditional SFT's control prefixes; it may
+    drop pairs that no longer fit ``max_length``, with a counted, logged reason). ``check(config)``:
+    method-specific validation, raising ``ConfigError``. ``aliases``: other programs' option names,
+    ``{alias: (option, convert)}``, accepted with a note (an empty ``option``: ``convert`` only checks the
+    value, which is then dropped); ``name_aliases``: other names of the method. ``summary``: one line (paper and year) for help and docs.
     """
 
     name: str
@@ -127,7 +128,7 @@ class Method:
     module_weight_decay: Callable[[Any], float] | None = None
     activation_types: Callable[[Any], Any] | None = None
     sae_pooling: Callable[[Any], str] | None = None
-    prepare_examples: Callable[[list, Any], list] | None = None
+    prepare_pairs: Callable[[list, Any, Any, int], list] | None = None
     check: Callable[[Config], None] | None = None
     aliases: dict[str, tuple[str, Callable[[Any], Any]]] = field(default_factory=dict)
     name_aliases: tuple[str, ...] = ()

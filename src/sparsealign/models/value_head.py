@@ -17,7 +17,7 @@ class ValueHead(nn.Module):
     initialisation (HALOs' default init strategy). As in HALOs, the hidden states are **detached** (the
     critic's loss trains the head only, never the language model) and the head is built in float32 and
     runs in its parameters' dtype whatever the policy's (HALOs: fp32 matters for good value estimates;
-    keep it out of a bf16 cast of the policy). The values are returned in float32.
+    keep it out of a bf16 cast of the policy; autocast is off inside it). The values are returned in float32.
 
     Feed it the final hidden rows that predict the response tokens, i.e. the rows whose logits give the
     response log-probs (``TokenOutputs.head_inputs``, ``[M, d]``), so that value t is aligned with
@@ -47,4 +47,6 @@ class ValueHead(nn.Module):
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"expected hidden states of width {self.hidden_size}, got {hidden.shape[-1]}")
         weight = self.summary[0].weight
-        return self.summary(hidden.detach().to(weight.dtype)).squeeze(-1).to(torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):  # no bf16/fp16 matmuls under mixed precision
+            values = self.summary(hidden.detach().to(weight.dtype))
+        return values.squeeze(-1).to(torch.float32)

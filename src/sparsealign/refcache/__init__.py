@@ -2,7 +2,8 @@
 
 ``sparsealign cache RECIPE`` (or the trainer, for a missing ``reference.cache``) runs the reference over the
 training and evaluation pairs and stores per response the per-token reference log-probs and, for FPO, the
-pooled reference SAE codes (sparse); for KTO also the log-probs of each prompt's mismatched response. The file header records everything the numbers depend on; a cache that
+pooled reference SAE codes (sparse); for KTO also the log-probs of each pair's two mismatched rows (its prompt with other prompts'
+responses). The file header records everything the numbers depend on; a cache that
 does not match the run is refused with the mismatching fields named.
 """
 

@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from sparsealign.refcache.store import (
     split_file,
     write_split,
 )
+from sparsealign.version import __version__
 
 logger = logging.getLogger("sparsealign.refcache")
 
@@ -162,10 +162,9 @@ def build_cache(
 ) -> Path:
     """Write ``<reference.cache>/<split>.safetensors`` for each given split; returns the folder."""
     folder = Path(cfg.reference.cache)
-    release = version("sparsealign")
     for split, pairs in splits.items():
         started = time.perf_counter()
-        header = {**expected, "split": split, "sparsealign_version": release, "created": time.time()}
+        header = {**expected, "split": split, "sparsealign_version": __version__, "created": time.time()}
         build_split(split_file(folder, split), header, pairs, bundle, cfg, probe, device, progress)
         size = split_file(folder, split).stat().st_size
         logger.info(

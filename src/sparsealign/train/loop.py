@@ -28,7 +28,7 @@ from accelerate.utils import gather_object, set_seed
 from sparsealign.config import Config, dump_config, to_dict
 from sparsealign.data.collate import collate_pairs
 from sparsealign.data.examples import TokenizedPair
-from sparsealign.data.prepare import PreparedData, prepare_data
+from sparsealign.data.prepare import PreparedData
 from sparsealign.errors import TrainingError
 from sparsealign.methods import Method, Need, get_method, method_options, save_method_module
 from sparsealign.models.digest import weights_digest
@@ -53,7 +53,14 @@ from sparsealign.train.checkpoint import (
     truncate_metrics,
 )
 from sparsealign.train.schedule import build_scheduler
-from sparsealign.train.step import build_optimizer, compute_loss, sae_pooling, step_inputs
+from sparsealign.train.step import (
+    build_optimizer,
+    clip_gradients,
+    compute_loss,
+    prepare_method_data,
+    sae_pooling,
+    step_inputs,
+)
 
 logger = logging.getLogger("sparsealign.train")
 
@@ -141,13 +148,6 @@ def evaluate_loss(
     return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
 
 
-def _example_rewrite(method: Method, cfg: Config):
-    """The method's rewrite of the examples before tokenisation (conditional SFT's control tokens), if any."""
-    if method.prepare_examples is None:
-        return None
-    return lambda examples: method.prepare_examples(examples, cfg.method)
-
-
 def _total_steps(cfg: Config, plan: BatchPlan) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
@@ -196,13 +196,7 @@ def train(cfg: Config) -> RunResult:
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(bundle.policy)
     with accelerator.main_process_first():
-        data: PreparedData = prepare_data(
-            cfg,
-            bundle,
-            accelerator.is_main_process,
-            mismatched=Need.MISMATCHED in method.needs,
-            rewrite=_example_rewrite(method, cfg),
-        )
+        data: PreparedData = prepare_method_data(cfg, method, bundle, accelerator.is_main_process)
     plan = BatchPlan(
         len(data.train), cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes, cfg.train.seed
     )
@@ -221,7 +215,10 @@ def train(cfg: Config) -> RunResult:
     if Need.SAE_FEATURES in method.needs:
         from sparsealign.sae.probe import build_feature_probe
 
-        features = build_feature_probe(cfg.sae, bundle.policy, accelerator.device, sae_pooling(method, cfg))
+        with accelerator.main_process_first():  # a missing built-in SAE is built once, by the main process
+            features = build_feature_probe(
+                cfg.sae, bundle.policy, accelerator.device, sae_pooling(method, cfg)
+            )
     cache = None
     if cached:
         cache = prepare_reference_cache(cfg, bundle, data, features, digest, accelerator.device)
@@ -290,7 +287,7 @@ def train(cfg: Config) -> RunResult:
                     out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, cache))
                     accelerator.backward(out.loss)  # divides by grad_accum
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+                        grad_norm = clip_gradients(accelerator, policy, max_norm)
                         lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from sparsealign.methods import Need, cache_can_serve, cacheable_methods, get_me
 from sparsealign.refcache.build import build_cache
 from sparsealign.refcache.identity import run_identity
 from sparsealign.refcache.store import SPLITS, ReferenceCache, split_file
-from sparsealign.train.step import sae_pooling
+from sparsealign.train.step import prepare_method_data, sae_pooling
 
 logger = logging.getLogger("sparsealign.refcache")
 
@@ -26,7 +26,6 @@ def cache_run(cfg: Config, force: bool = False) -> tuple[Path, bool]:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from sparsealign.data.prepare import prepare_data
     from sparsealign.models.digest import weights_digest
     from sparsealign.models.loading import load_bundle
     from sparsealign.models.logprobs import unwrap_causal_lm
@@ -45,7 +44,7 @@ def cache_run(cfg: Config, force: bool = False) -> tuple[Path, bool]:
     bundle = load_bundle(cfg.model, cfg.train.seed, device, need_reference=False)
     digest = weights_digest(unwrap_causal_lm(bundle.policy))
     with state.main_process_first():  # sampled pairs (imdb) are made once, by the main process
-        data = prepare_data(cfg, bundle, state.is_main_process, mismatched=Need.MISMATCHED in method.needs)
+        data = prepare_method_data(cfg, method, bundle, state.is_main_process)
     probe = None
     if Need.SAE_FEATURES in method.needs:
         probe = build_feature_probe(cfg.sae, bundle.policy, device, sae_pooling(method, cfg))

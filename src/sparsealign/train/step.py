@@ -25,6 +25,7 @@ import torch
 from sparsealign.config import Config
 from sparsealign.data.collate import Batch, collate_mismatched
 from sparsealign.data.examples import TokenizedPair
+from sparsealign.data.prepare import PreparedData, prepare_data
 from sparsealign.losses import LossOutput
 from sparsealign.methods import Method, Need, StepOutputs
 from sparsealign.models.loading import ModelBundle
@@ -178,6 +179,24 @@ def step_inputs(
     return StepInputs(method, cfg.method, batch, pairs, bundle, cache, cfg.data.padding_side)
 
 
+def prepare_method_data(
+    cfg: Config, method: Method, bundle: ModelBundle, is_main_process: bool = True
+) -> PreparedData:
+    """The run's data as the method needs it: with mismatched rows when it needs them, and its own rewrite of
+    the tokenised pairs (conditional SFT's control prefixes) applied to train and eval pairs."""
+    rewrite = None
+    if method.prepare_pairs is not None:
+        prepare = method.prepare_pairs
+        tokenizer = bundle.tokenizer
+
+        def rewrite(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+            return prepare(pairs, cfg.method, tokenizer, cfg.data.max_length)
+
+    return prepare_data(
+        cfg, bundle, is_main_process, mismatched=Need.MISMATCHED in method.needs, prepare_pairs=rewrite
+    )
+
+
 def sae_pooling(method: Method, cfg: Config) -> str:
     """Where the method averages SAE codes (``Need.SAE_FEATURES``): its ``sae_pooling`` or the response tokens."""
     return method.sae_pooling(cfg.method) if method.sae_pooling is not None else "response"
@@ -200,6 +219,24 @@ def parameter_groups(model: TokenModel, cfg: Config, method: Method) -> list[dic
             {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
         ]
     return [g for g in groups if g["params"]]
+
+
+def clip_gradients(accelerator: Any, policy: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
+    """Clip the gradients before the optimizer step; return the norm of all gradients but those clipped apart.
+
+    Every trainable parameter is clipped together to ``max_norm`` (``train.max_grad_norm``), except those of a
+    method's module that sets a ``max_grad_norm`` attribute (not None): those are clipped by themselves to
+    that norm, so that the module's and the language model's gradients never rescale each other (HALOs clips
+    PPO's value head to 0.1 and the model to its own norm). Under DeepSpeed the engine clips everything
+    together from its own config."""
+    module = _token_model(policy).extra
+    own = getattr(module, "max_grad_norm", None) if module is not None else None
+    if own is None:
+        return accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+    apart = list(module.parameters())
+    accelerator.clip_grad_norm_(apart, own)
+    ids = {id(p) for p in apart}
+    return accelerator.clip_grad_norm_([p for p in policy.parameters() if id(p) not in ids], max_norm)
 
 
 def build_optimizer(model: TokenModel, cfg: Config, method: Method) -> torch.optim.Optimizer:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from sparsealign.errors import SAEError
+from sparsealign.io import atomic_file, atomic_write
 from sparsealign.sae.formats import SAEFormat, register_format
 from sparsealign.sae.formats.common import (
     SITE_HOOKS,
@@ -173,7 +174,8 @@ def save_saelens(sae: SparseAutoencoder, folder: str | Path) -> Path:
 
     ``metadata.hook_name`` is ``blocks.L.hook_resid_post`` / ``blocks.L.hook_mlp_out`` when the site and
     layer are known (else the original hook name); ``metadata.sparsealign`` keeps the source format and
-    advertised L0. Loading the folder gives back the same weights, activation and site.
+    advertised L0. Each file is written atomically (:mod:`sparsealign.io`). Loading the folder gives back the
+    same weights, activation and site.
     """
     from safetensors.torch import save_file
 
@@ -215,8 +217,10 @@ def save_saelens(sae: SparseAutoencoder, folder: str | Path) -> Path:
         )
         if param is not None
     }
-    save_file(tensors, str(folder / WEIGHTS))
-    (folder / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+    with atomic_file(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_write(folder / CFG) as handle:
+        handle.write(json.dumps(cfg, indent=2) + "\n")
     return folder
 
 
