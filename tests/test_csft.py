@@ -222,7 +222,7 @@ def test_a_csft_run_trains_on_prefixed_rows_and_samples_with_the_good_prefix(tmp
 
     overrides = [
         f"output_dir={tmp_path}",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
         "train.progress=false",
         "method.name=csft",
         "train.max_steps=2",

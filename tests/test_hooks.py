@@ -3,6 +3,9 @@ hook removal, and the module lookups (decoder layers, SAE sites), on tiny random
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tr
@@ -218,3 +221,22 @@ def test_decoder_layers_error_lists_the_module_lists():
     model.config.num_hidden_layers = 5
     with pytest.raises(ValueError, match=r"layers \(length 2\)"):
         decoder_layers(model)
+
+
+def test_models_hooks_is_the_only_module_that_registers_forward_hooks():
+    """One hook mechanism: every forward (pre-)hook of the package is registered by ``models/hooks.py``."""
+    import sparsealign
+
+    root = Path(sparsealign.__file__).parent
+    registering = {"register_forward_hook", "register_forward_pre_hook"}
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        calls = [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in registering
+        ]
+        if calls:
+            found[path.relative_to(root).as_posix()] = calls
+    assert list(found) == ["models/hooks.py"], found

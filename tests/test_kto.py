@@ -266,7 +266,7 @@ def test_mismatched_rows_collate_as_the_pairs_do():
 def smoke(out: Path, *overrides: str):
     base = [
         f"output_dir={out}",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
         "train.progress=false",
         "train.max_steps=2",
         "train.save_every=0",

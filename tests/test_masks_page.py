@@ -20,7 +20,7 @@ def _run(tmp_path: Path, method: str) -> Path:
         ROOT / "configs/smoke.yaml",
         [
             f"output_dir={tmp_path}",
-            f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+            f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
             f"method.name={method}",
             "train.max_steps=2",
             "train.save_every=0",

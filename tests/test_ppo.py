@@ -440,7 +440,7 @@ def ppo_smoke(folder: Path, *overrides: str):
 
     base = [
         f"output_dir={folder}",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
         "train.progress=false",
     ]
     return load_config(SMOKE, base + COMMON + list(overrides))

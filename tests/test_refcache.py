@@ -31,7 +31,7 @@ SMOKE = ROOT / "configs/smoke.yaml"
 def smoke(out: Path, *overrides: str):
     base = [
         f"output_dir={out}",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
         "train.progress=false",
         "train.max_steps=3",
         "train.save_every=0",
@@ -331,7 +331,7 @@ def test_cache_command(tmp_path, capsys):
         "cache",
         str(SMOKE),
         f"output_dir={tmp_path / 'run'}",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
         "train.progress=false",
     ]
     assert main(args) == 0
@@ -356,7 +356,7 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path):
         "cache",
         str(SMOKE),
         "method.name=kto",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
         "reference.batch_size=4",
         "train.progress=false",
     ]

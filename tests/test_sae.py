@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparsealign.errors import UserError
+from sparsealign.models.hooks import site_module
 from sparsealign.sae import (
     FeatureProbe,
     SAEError,
@@ -19,12 +20,10 @@ from sparsealign.sae import (
     SparseAutoencoder,
     available_formats,
     build_feature_probe,
-    capture_site,
     load_sae,
     parse_gemma_scope_path,
     register_format,
     save_sae,
-    site_module,
 )
 from sparsealign.sae.formats import get_format
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
@@ -336,6 +335,11 @@ def _ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
+def probe_capture(model: torch.nn.Module, site: str, layer: int):
+    """The probe's capture of ``site`` / ``layer`` (an SAE of the tiny models' width, 64)."""
+    return FeatureProbe(SparseAutoencoder(64, 32), site, layer).capture(model)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_resid_post_matches_hidden_states_and_pre_norm(name):
     model = tiny_llama() if name == "llama" else tiny_gpt2()
@@ -345,7 +349,7 @@ def test_resid_post_matches_hidden_states_and_pre_norm(name):
     model(ids, output_hidden_states=True)  # transformers installs its own capture hooks on first use
     for layer in range(len(layers)):
         before = dict(layers[layer]._forward_hooks)
-        with capture_site(model, "resid_post", layer) as captured:
+        with probe_capture(model, "resid_post", layer) as captured:
             assert len(layers[layer]._forward_hooks) == len(before) + 1
             out = model(ids, output_hidden_states=True)
         acts = captured["activations"]
@@ -367,7 +371,7 @@ def test_mlp_out_and_gradient_into_model(name):
     mine = {}
     handle = layers[0].mlp.register_forward_hook(lambda m, a, o: mine.__setitem__("out", o))
     try:
-        with capture_site(model, "mlp_out", 0) as captured:
+        with probe_capture(model, "mlp_out", 0) as captured:
             model(_ids())
     finally:
         handle.remove()
@@ -377,7 +381,7 @@ def test_mlp_out_and_gradient_into_model(name):
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_()
-    with capture_site(model, "resid_post", 1) as captured:
+    with probe_capture(model, "resid_post", 1) as captured:
         model(_ids())
     sae.encode(captured["activations"]).sum().backward()
     grads = [p.grad for p in layers[0].parameters()]
@@ -390,8 +394,12 @@ def test_hook_errors():
         site_module(model, "resid_pst", 0)
     with pytest.raises(ValueError, match=r"out of range.*2 decoder layers"):
         site_module(model, "resid_post", 2)
-    with pytest.raises(ValueError, match="out of range"), capture_site(model, "mlp_out", -1):
+    with pytest.raises(ValueError, match="out of range"), probe_capture(model, "mlp_out", -1):
         pass
+    # A block without the forward: the site never fired, which is an error, not a missing key later.
+    with pytest.raises(RuntimeError, match="never fired"), probe_capture(model, "resid_post", 0):
+        pass
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
 # -- the format registry ------------------------------------------------------------------------------

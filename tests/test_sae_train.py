@@ -13,7 +13,6 @@ from sparsealign.errors import UserError
 from sparsealign.models.builtins import build_tiny_llama
 from sparsealign.sae import builtins as sae_builtins
 from sparsealign.sae import load_sae
-from sparsealign.sae.hooks import run_to_site
 from sparsealign.sae.model import SAEMetadata, SparseAutoencoder
 from sparsealign.sae.training import (
     ActivationStream,
@@ -29,6 +28,7 @@ from sparsealign.sae.training import (
     normalized_mse,
     pad_right,
     resolve_prefix,
+    run_to_site,
     site_activations,
     tokenize_documents,
     topk_encode,
@@ -325,6 +325,20 @@ def test_forward_stops_after_the_hooked_block(tiny):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_a_site_the_forward_never_runs_is_named_in_the_error(tiny):
+    model, tokenizer = tiny
+    input_ids, mask = pad_right(tokenize_documents(tokenizer, _texts(2), 20), PAD)
+    # A module of the model that its forward never calls: the error names its path in the model.
+    stray = torch.nn.Linear(64, 64)
+    model.model.add_module("stray", stray)
+    try:
+        with pytest.raises(RuntimeError, match=r"never fired.*model\.stray"):
+            run_to_site(model, stray, input_ids, mask)
+    finally:
+        del model.model.stray
+    assert not stray._forward_hooks
 
 
 def test_stream_shuffles_known_rows_and_holds_out_disjoint_documents(tiny):

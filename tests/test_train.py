@@ -24,7 +24,7 @@ SMOKE = ROOT / "configs/smoke.yaml"
 def smoke(tmp_path: Path, *overrides: str):
     base = [
         f"output_dir={tmp_path}",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
         "train.progress=false",
     ]
     return load_config(SMOKE, base + list(overrides))
@@ -196,7 +196,7 @@ def test_two_processes_match_one(tmp_path):
         "train.batch_size=2",
         "train.progress=false",
         "train.max_grad_norm=null",
-        f"data.path={ROOT / 'tests/data/smoke_pairs.jsonl'}",
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
     ]
     one = _cli("train", str(SMOKE), f"output_dir={tmp_path}/one", "train.grad_accum=2", *common)
     assert one.returncode == 0, one.stderr[-2000:]

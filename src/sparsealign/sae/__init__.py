@@ -10,12 +10,14 @@ feature probe FPO reads them through.
 ``builtins``
     Named SAEs trained here: :func:`resolve_builtin_sae` (the cached folder) and :func:`ensure_builtin_sae`
     (trains it when missing).
-``hooks``
-    The hook sites (``resid_post``, ``mlp_out``) and every forward hook of this package.
 ``training``
     ``sparsealign sae train``: a TopK SAE on streamed activations.
 ``probe``
     :class:`FeatureProbe` and :func:`build_feature_probe`: pooled SAE codes inside the policy's forward.
+
+The hook sites (``resid_post``, ``mlp_out``: :data:`~sparsealign.models.hooks.SITES`,
+:func:`~sparsealign.models.hooks.site_module`) and the forward hooks that read them (the probe's and SAE
+training's) are :mod:`sparsealign.models.hooks`, the one capture mechanism of the package.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from sparsealign.sae.builtins import BUILTIN_SAES, ensure_builtin_sae, resolve_b
 from sparsealign.sae.formats import SAEFormat, available_formats, register_format, save_sae
 from sparsealign.sae.formats.gemma_scope import parse_gemma_scope_path
 from sparsealign.sae.formats.saelens import save_saelens
-from sparsealign.sae.hooks import SITES, capture_site, site_module
 from sparsealign.sae.loading import load_sae
 from sparsealign.sae.model import ACTIVATIONS, SAEMetadata, SparseAutoencoder
 from sparsealign.sae.probe import POOL_POSITIONS, FeatureProbe, build_feature_probe
@@ -34,14 +35,12 @@ __all__ = [
     "ACTIVATIONS",
     "BUILTIN_SAES",
     "POOL_POSITIONS",
-    "SITES",
     "SAEError",
     "SAEFormat",
     "SAEMetadata",
     "SparseAutoencoder",
     "available_formats",
     "build_feature_probe",
-    "capture_site",
     "ensure_builtin_sae",
     "load_sae",
     "parse_gemma_scope_path",
@@ -49,6 +48,5 @@ __all__ = [
     "resolve_builtin_sae",
     "save_sae",
     "save_saelens",
-    "site_module",
     "FeatureProbe",
 ]

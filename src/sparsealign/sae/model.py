@@ -42,7 +42,7 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk")
 class SAEMetadata:
     """Where an SAE was trained and where it came from.
 
-    ``site``: the hook site (``"resid_post"`` or ``"mlp_out"`` -- see :mod:`sparsealign.sae.hooks`; other
+    ``site``: the hook site (``"resid_post"`` or ``"mlp_out"`` -- see :mod:`sparsealign.models.hooks`; other
     TransformerLens hook names are kept as found, e.g. ``"attn.hook_z"``) or None when unknown; ``layer``:
     the decoder-layer index or None; ``model_name``: the model the SAE was trained on (free text);
     ``hook_name``: the original hook name (``blocks.25.hook_resid_post``, ``layers.10``, ...);

@@ -30,9 +30,10 @@ from torch import nn
 from sparsealign.data.collate import Batch
 from sparsealign.errors import SAEError, TrainingError
 from sparsealign.losses.fpo import pool_features
+from sparsealign.models import hooks
+from sparsealign.models.hooks import Tap, site_module
 from sparsealign.models.logprobs import unwrap_causal_lm
 from sparsealign.sae.builtins import BUILTIN_SAES, ensure_builtin_sae, resolve_builtin_sae
-from sparsealign.sae.hooks import capture_site, site_module
 from sparsealign.sae.loading import load_sae
 from sparsealign.sae.model import SparseAutoencoder
 
@@ -75,7 +76,15 @@ class FeatureProbe(nn.Module):
 
     @contextmanager
     def capture(self, model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-        with capture_site(model, self.site, self.layer) as captured:
+        """Record the site's activations during the forward run inside the block.
+
+        Yields a dict that, after the forward, holds ``"activations"``: the ``[N, L, d]`` tensor of
+        :func:`~sparsealign.models.hooks.site_module`, NOT detached (a loss on the pooled codes backpropagates
+        into the model). ``ValueError`` for an unknown site or a layer out of range; ``RuntimeError`` when the
+        block exits without the site having been run (see :func:`~sparsealign.models.hooks.capture`).
+        """
+        taps = {"activations": Tap(site_module(model, self.site, self.layer))}
+        with hooks.capture(taps, detach=False) as captured:
             yield captured
 
     def position_index(self, batch: Batch) -> torch.Tensor:

@@ -41,6 +41,7 @@ from sparsealign.sae.training.stream import (
     kept_positions,
     pad_right,
     resolve_prefix,
+    run_to_site,
     site_activations,
     tokenize_documents,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "normalized_mse",
     "pad_right",
     "resolve_prefix",
+    "run_to_site",
     "site_activations",
     "sparse_decode",
     "tokenize_documents",

@@ -18,7 +18,7 @@ import torch
 
 from sparsealign.errors import SAEError
 from sparsealign.models.dtype import DTYPES, resolve_dtype
-from sparsealign.sae.hooks import SITES
+from sparsealign.models.hooks import SITES
 
 __all__ = ["SAETrainConfig", "default_lr", "model_dtype"]
 

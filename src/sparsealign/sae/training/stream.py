@@ -2,7 +2,7 @@
 
 Documents are tokenised a forward batch at a time, each with a prefix token in front (the tokenizer's BOS
 by default) and truncated to ``context_length`` tokens; the model runs under ``torch.no_grad()`` and stops
-right after the hooked block (:func:`~sparsealign.sae.hooks.run_to_site`), so later layers never run.
+right after the hooked block (:func:`run_to_site`), so later layers never run.
 Padding and the first position are dropped: the attention sink forms there and its activation norm is
 ~100× the others'. A model may put a secondary sink on a later token (SmolLM2 does on an early word when a
 document starts without a document-start token: 19 of 200k IMDB tokens with norms up to 23k against a
@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from sparsealign.errors import SAEError
-from sparsealign.sae.hooks import run_to_site, site_module
+from sparsealign.models import hooks
+from sparsealign.models.hooks import Tap, site_module
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,6 +34,7 @@ __all__ = [
     "kept_positions",
     "pad_right",
     "resolve_prefix",
+    "run_to_site",
     "site_activations",
     "tokenize_documents",
 ]
@@ -100,6 +102,18 @@ def kept_positions(attention_mask: Tensor) -> Tensor:
     keep = attention_mask.bool().clone()
     keep[:, 0] = False
     return keep
+
+
+def run_to_site(model: nn.Module, module: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``module``'s output ``[B, L, d]`` for this batch, under ``torch.no_grad()``; the forward stops right
+    after ``module`` (:func:`~sparsealign.models.hooks.capture` with ``stop=True``), so the layers after it
+    (and the head) never run. The tap is named by the module's path in ``model`` (``model.layers.20``), so
+    the ``RuntimeError`` of a module the forward never calls says which site it was."""
+    name = next((path for path, candidate in model.named_modules() if candidate is module), None)
+    name = name or type(module).__name__
+    with torch.no_grad(), hooks.capture({name: Tap(module)}, stop=True) as captured:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return captured[name]
 
 
 def site_activations(
