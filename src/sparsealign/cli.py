@@ -22,6 +22,7 @@ from sparsealign.recipes import (
     recipe_description,
     resolve_recipe,
 )
+from sparsealign.version import __version__
 
 COMMANDS = {
     "train": "Train a policy with a recipe (default: SparsePO on IMDB with SmolLM2, fully offline).",
@@ -70,12 +71,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"Done: {result.steps} steps; run folder {result.output_dir}")
+    from sparsealign.train.summary import format_run_summary
+
+    print(format_run_summary(result))
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from sparsealign.config import Config, describe, to_dict
+    from sparsealign.config import Config, describe, describe_trl_names, to_dict
     from sparsealign.methods import describe_methods
     from sparsealign.recipes.load import load_config
 
@@ -86,6 +89,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print("\nmethod.name: one of these methods, with its own method.* options")
         for key, default, text in describe_methods():
             print(f"{key:28s} {default:22s} {text}")
+        print("\nTRL's names, accepted with a note (bare or under train.): TRL name -> our key")
+        for name, key, note in describe_trl_names():
+            print(f"{name:28s} {key:22s} {note}")
         return 0
     import yaml
 
@@ -182,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: sparsealign train imdb/dpo method.beta=0.2 train.max_steps=50",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("--version", action="version", version=f"sparsealign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     train = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
     train.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]", help=RECIPE_HELP)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,8 @@ from typing import Any, Literal
 import yaml
 
 from sparsealign.errors import ConfigError
+
+logger = logging.getLogger("sparsealign.config")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -202,8 +206,10 @@ class TrainConfig:
     resume: str | None = _help(
         "'auto' (newest complete checkpoint in output_dir), a checkpoint folder, or null.", default=None
     )
-    tracker: Literal["none", "tensorboard", "wandb"] = _help(
-        "Experiment tracker through accelerate.", default="none"
+    tracker: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = _help(
+        "Experiment tracker through accelerate, besides metrics.jsonl; its package comes with the extra of "
+        "the same name: pip install 'sparsealign[tensorboard]' (or wandb, mlflow, trackio).",
+        default="none",
     )
     logprob_chunk: int = _help(
         "Response tokens per chunk in the log-prob/KL head (memory vs. speed).", default=256
@@ -246,12 +252,256 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
+# TRL's names: the options of TRL's DPOConfig / transformers' TrainingArguments, accepted with a note.
+
+
+def _literal_values(cls: type, name: str) -> tuple[str, ...]:
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _schedule(value: Any) -> str:
+    """``lr_scheduler_type``: transformers' linear/cosine are warm-up then decay to 0, as ours; its
+    ``constant_with_warmup`` is our ``constant`` (warm-up, then flat), and its ``constant`` too (ours has no
+    warm-up unless train.warmup_steps / warmup_ratio ask for one)."""
+    ours = _literal_values(TrainConfig, "schedule")
+    mapped = "constant" if value == "constant_with_warmup" else value
+    if mapped not in ours:
+        raise ConfigError(
+            f"TRL's lr_scheduler_type={value!r} has no equivalent here: train.schedule is one of "
+            f"{', '.join(ours)} (each after train.warmup_steps / train.warmup_ratio)."
+        )
+    return mapped
+
+
+def _tracker(value: Any) -> str:
+    """``report_to``: a name or a list of names (the first is used); none/None: no tracker."""
+    ours = _literal_values(TrainConfig, "tracker")
+    if isinstance(value, list | tuple):
+        if len(value) > 1:
+            logger.info("config: report_to=%r: one tracker is supported; using the first", list(value))
+        value = value[0] if value else "none"
+    mapped = "none" if value is None else value
+    if mapped not in ours:
+        raise ConfigError(
+            f"TRL's report_to={value!r} has no equivalent here: train.tracker is one of {', '.join(ours)}."
+        )
+    return mapped
+
+
+def _bf16(value: Any) -> str:
+    """``bf16``: transformers' bf16=true is mixed precision (float32 weights, bfloat16 compute), which this
+    trainer does not have, so it is refused; bf16=false (full precision) is model.dtype=float32."""
+    if value is False:
+        return "float32"
+    raise ConfigError(
+        f"TRL's bf16={value!r} turns on bfloat16 mixed precision (float32 weights, bfloat16 compute), which "
+        "sparsealign does not have: model.dtype sets the weights' dtype ('auto': bfloat16 on GPU, float32 on "
+        "CPU; model.dtype=bfloat16 trains in bfloat16, model.dtype=float32 in full precision)."
+    )
+
+
+def _steps(name: str, ours: str) -> Callable[[Any], Any]:
+    """``logging_steps``/``save_steps``/``eval_steps``: a step count is ours; transformers' float below 1
+    (a fraction of the run) is refused."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, float) and 0 < value < 1:
+            raise ConfigError(
+                f"TRL's {name}={value} (a fraction of the run) has no equivalent here: {ours} counts "
+                "optimizer steps."
+            )
+        return value
+
+    return convert
+
+
+def _no_completion_cap(value: Any) -> Any:
+    raise ConfigError(
+        f"TRL's max_completion_length={value!r} caps the response alone; sparsealign has no such cap: "
+        "data.max_length caps prompt + response (a response gets what its prompt leaves) and "
+        "data.max_prompt_length the prompt. For TRL's max_prompt_length=P, max_completion_length=C write "
+        "data.max_prompt_length=P data.max_length=P+C."
+    )
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class TrlName:
+    """One of TRL's option names. ``key``: our dotted key; ``convert``: TRL's value to ours, raising
+    :class:`ConfigError` where there is no honest equivalent. Two names are resolved later: ``loss_type``
+    (kept as ``method.loss_type``; the method registry turns it into ``method.name``) and
+    ``precompute_ref_log_probs`` (kept as ``reference.precompute_ref_log_probs`` until ``output_dir`` is
+    known, see :func:`build_config`)."""
+
+    key: str
+    convert: Callable[[Any], Any] = _same
+    note: str = ""
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+
+LOSS_TYPE = "loss_type"
+PRECOMPUTE = "precompute_ref_log_probs"
+
+TRL_NAMES: dict[str, TrlName] = {
+    "learning_rate": TrlName("train.lr"),
+    "gradient_accumulation_steps": TrlName("train.grad_accum"),
+    "per_device_train_batch_size": TrlName("train.batch_size"),
+    "per_device_eval_batch_size": TrlName("eval.batch_size"),
+    "num_train_epochs": TrlName("train.epochs"),
+    "logging_steps": TrlName("train.log_every", _steps("logging_steps", "train.log_every")),
+    "save_steps": TrlName("train.save_every", _steps("save_steps", "train.save_every")),
+    "eval_steps": TrlName("train.eval_every", _steps("eval_steps", "train.eval_every")),
+    "lr_scheduler_type": TrlName(
+        "train.schedule", _schedule, "linear, cosine, constant (and constant_with_warmup: constant)"
+    ),
+    "report_to": TrlName("train.tracker", _tracker, "a list uses its first entry"),
+    "bf16": TrlName("model.dtype", _bf16, "false: float32; true (mixed precision) is refused"),
+    "max_completion_length": TrlName(
+        "data.max_length", _no_completion_cap, "refused: data.max_length caps prompt + response"
+    ),
+    LOSS_TYPE: TrlName("method.name", note="sigmoid: dpo, ipo: ipo; hinge and robust are refused"),
+    PRECOMPUTE: TrlName("reference.cache", note="true: <output_dir>/reference-cache"),
+}
+"""TRL's ``DPOConfig`` / ``TrainingArguments`` names: TRL name → our key. Each is accepted bare
+(``learning_rate=1e-6``), in its section or under ``train`` (``train.learning_rate``), with a note naming
+our key."""
+
+_KEPT_AS = {LOSS_TYPE: ("method", LOSS_TYPE), PRECOMPUTE: ("reference", PRECOMPUTE)}
+"""The TRL names resolved after the whole tree is known, and where they wait until then."""
+
+
+def trl_name_at(dotted: str) -> str | None:
+    """The TRL name that the dotted key ``dotted`` gives (bare, in its own section or under ``train``)."""
+    parts = dotted.split(".")
+    entry = TRL_NAMES.get(parts[-1])
+    if entry is None or len(parts) > 2:
+        return None
+    if len(parts) == 1 or parts[0] in (entry.section, "train"):
+        return parts[-1]
+    return None
+
+
+def _section(tree: dict[str, Any], name: str) -> dict[str, Any]:
+    node = tree.get(name)
+    node = dict(node) if isinstance(node, dict) else {}
+    tree[name] = node
+    return node
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return dataclasses.MISSING
+        node = node[part]
+    return node
+
+
+def _put_trl(tree: dict[str, Any], name: str, value: Any, given_as: str, overriding: bool) -> None:
+    """Write TRL's ``name=value`` (written as ``given_as``) into ``tree`` under our key. An override replaces
+    what the recipe has; within one recipe, TRL's name and ours with different values are an error."""
+    entry = TRL_NAMES[name]
+    if name in _KEPT_AS:
+        section, key = _KEPT_AS[name]
+        node = _section(tree, section)
+        node[key] = value
+        if overriding and name == LOSS_TYPE:
+            node.pop("name", None)  # the override chooses the method, as method=NAME does
+        return
+    converted = entry.convert(value)
+    existing = _lookup(tree, entry.key)
+    if not overriding and existing is not dataclasses.MISSING and existing != converted:
+        raise ConfigError(
+            f"'{given_as}' (TRL's name for '{entry.key}') and '{entry.key}' are both given, with different "
+            f"values ({value!r} and {existing!r}); keep one."
+        )
+    _set_dotted(tree, entry.key, converted)
+    logger.info("config: %s=%r is TRL's name; using %s=%r", given_as, value, entry.key, converted)
+
+
+def resolve_trl_names(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with TRL's names (:data:`TRL_NAMES`) rewritten to ours; ``loss_type`` and
+    ``precompute_ref_log_probs`` are moved to where :func:`build_config` and the method registry read them."""
+    tree = dict(tree)
+    for key in [k for k in tree if k in TRL_NAMES]:
+        _put_trl(tree, key, tree.pop(key), key, overriding=False)
+    for section in [k for k, v in tree.items() if isinstance(v, dict)]:
+        for key in list(tree[section]):
+            name = trl_name_at(f"{section}.{key}")
+            if name is None or _KEPT_AS.get(name) == (section, key):
+                continue
+            node = _section(tree, section)
+            _put_trl(tree, name, node.pop(key), f"{section}.{key}", overriding=False)
+    return tree
+
+
+def _resolve_precompute(tree: dict[str, Any]) -> None:
+    """TRL's ``precompute_ref_log_probs``: true is a reference cache at ``<output_dir>/reference-cache`` (where
+    ``sparsealign cache`` puts it; built before training), unless ``reference.cache`` names one; false is the
+    live reference model."""
+    reference = tree.get("reference")
+    if not isinstance(reference, dict) or PRECOMPUTE not in reference:
+        return
+    reference = _section(tree, "reference")
+    flag = reference.pop(PRECOMPUTE)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"'{PRECOMPUTE}': expected true or false, got {flag!r}.")
+    cache = reference.get("cache")
+    if flag and cache is None:
+        output_dir = tree.get("output_dir", Config.output_dir)
+        reference["cache"] = str(Path(str(output_dir)) / "reference-cache")
+        logger.info("config: %s=true is TRL's name; using reference.cache=%s", PRECOMPUTE, reference["cache"])
+    elif flag:
+        logger.info("config: %s=true is TRL's name; reference.cache=%s is used", PRECOMPUTE, cache)
+    elif cache is not None:
+        raise ConfigError(f"'{PRECOMPUTE}=false' asks for the live reference, but reference.cache={cache!r}.")
+    else:
+        logger.info("config: %s=false is TRL's name; the live reference model is the default", PRECOMPUTE)
+
+
+def describe_trl_names() -> list[tuple[str, str, str]]:
+    """(TRL name, our key, note) rows for ``sparsealign config --keys`` and the README."""
+    return [(name, entry.key, entry.note) for name, entry in TRL_NAMES.items()]
+
+
+def _method_option_names() -> set[str]:
+    """Every option of every method whose options class is defined (the subclasses of
+    :class:`MethodOptions`): so that a method's option given at the top level can point to ``method.``."""
+    names: set[str] = set()
+    todo = list(MethodOptions.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if dataclasses.is_dataclass(cls):
+            names.update(f.name for f in dataclasses.fields(cls) if f.name != "name")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
 # Building a Config from nested dicts with type checking and suggestions.
 
 
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(options))}."
+def _suggest(name: str, options: list[str], section: str = "") -> str:
+    """The hint after "Unknown config key": a TRL name's key (:data:`TRL_NAMES`), ``method.NAME`` for a
+    method's option given at the top level, else the closest valid key or TRL name (close spellings only),
+    else the valid keys."""
+    if name in TRL_NAMES:
+        key = TRL_NAMES[name].key
+        return f" '{name}' is TRL's name for '{key}': write {key}=... (or {name}=... at the top level)."
+    if not section and name in _method_option_names():
+        return f" Did you mean 'method.{name}'? (a method's options are under method.)"
+    scored = [(difflib.SequenceMatcher(None, name, o).ratio(), o, o) for o in options]
+    scored += [(difflib.SequenceMatcher(None, name, t).ratio(), t, TRL_NAMES[t].key) for t in TRL_NAMES]
+    ratio, near, key = max(scored, default=(0.0, "", ""))
+    if ratio >= 0.6:  # 0.5 matched unrelated keys (beta -> eval)
+        return f" Did you mean '{near}'?" if near == key else f" Did you mean '{key}' (TRL: {near})?"
+    return f" Valid keys: {', '.join(sorted(options))}."
 
 
 def _type_name(tp: Any) -> str:
@@ -316,7 +566,7 @@ def build_section(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"Unknown config key '{full}'.{_suggest(str(key), names)}")
+            raise ConfigError(f"Unknown config key '{full}'.{_suggest(str(key), names, prefix)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -350,7 +600,7 @@ def _check_path(dotted: str) -> None:
         if part not in hints:
             where = ".".join(walked)
             full = f"{where}.{part}" if where else part
-            raise ConfigError(f"Unknown config key '{full}'.{_suggest(part, list(hints))}")
+            raise ConfigError(f"Unknown config key '{full}'.{_suggest(part, list(hints), where)}")
         walked.append(part)
         if walked == ["method"]:
             return
@@ -366,7 +616,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"Override '{text}' must look like key=value (e.g. train.max_steps=50).")
     key, raw = text.split("=", 1)
     key = key.strip()
-    _check_path(key)
+    if trl_name_at(key) is None:
+        _check_path(key)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -376,11 +627,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``tree`` (a recipe as nested dicts) with dotted ``key=value`` overrides applied; ``method=NAME`` is
-    shorthand for ``method.name=NAME``."""
+    shorthand for ``method.name=NAME``. TRL's names (:data:`TRL_NAMES`) are rewritten to ours, in the recipe
+    and in the overrides."""
+    tree = resolve_trl_names(tree)
     for text in overrides:
         key, value = parse_override(text)
         if key == "method" and isinstance(value, str):
             key = "method.name"
+        name = trl_name_at(key)
+        if name is not None:
+            _put_trl(tree, name, value, key, overriding=True)
+            continue
+        if key == "method.name" and isinstance(tree.get("method"), dict):
+            _section(tree, "method").pop(LOSS_TYPE, None)  # the override chooses the method
         _set_dotted(tree, key, value)
     return tree
 
@@ -390,18 +649,15 @@ def build_config(
 ) -> Config:
     """A :class:`Config` from a recipe tree. ``build_method`` turns the ``method`` section into the chosen
     method's options (the method registry provides it: this layer knows no method)."""
-    tree = dict(tree)
+    tree = resolve_trl_names(tree)
+    _resolve_precompute(tree)
     section = tree.pop("method", None) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"'method' is a section; give a mapping (e.g. method.name=dpo), not {section!r}.")
     for alias in NAME_ALIASES:
         if alias in section:
             value = section.pop(alias)
-            import logging
-
-            logging.getLogger("sparsealign.config").info(
-                "config: method.%s=%r is the SparsePO code's name; using method.name", alias, value
-            )
+            logger.info("config: method.%s=%r is the SparsePO code's name; using method.name", alias, value)
             section["name"] = value
     config = build_section(Config, tree)
     config.method = build_method(section)

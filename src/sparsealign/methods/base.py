@@ -132,6 +132,7 @@ class Method:
     check: Callable[[Config], None] | None = None
     aliases: dict[str, tuple[str, Callable[[Any], Any]]] = field(default_factory=dict)
     name_aliases: tuple[str, ...] = ()
+    trl_loss_type: str | None = None
 
     def __post_init__(self) -> None:
         if not (dataclasses.is_dataclass(self.options) and issubclass(self.options, MethodOptions)):

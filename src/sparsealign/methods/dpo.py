@@ -33,7 +33,11 @@ def _check_cdpo(config: Config) -> None:
         )
 
 
-register(Method("dpo", dpo, DPOOptions, {Need.REFERENCE_LOGPS}, "DPO (Rafailov et al. 2023)"))
+register(
+    Method(
+        "dpo", dpo, DPOOptions, {Need.REFERENCE_LOGPS}, "DPO (Rafailov et al. 2023)", trl_loss_type="sigmoid"
+    )
+)
 register(
     Method(
         "cdpo", dpo, DPOOptions, {Need.REFERENCE_LOGPS}, "conservative DPO (Mitchell 2023)", check=_check_cdpo

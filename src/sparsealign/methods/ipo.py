@@ -19,4 +19,7 @@ def ipo(out: StepOutputs, options: IPOOptions) -> LossOutput:
     return ipo_loss(pc.logps, pr.logps, rc.logps, rr.logps, pc.mask, pr.mask, tau=options.beta)
 
 
-register(Method("ipo", ipo, IPOOptions, {Need.REFERENCE_LOGPS}, "IPO (Azar et al. 2023)"))
+# TRL's loss_type="ipo", like ours, squares the length-normalised log-ratio margin minus 1/(2τ).
+register(
+    Method("ipo", ipo, IPOOptions, {Need.REFERENCE_LOGPS}, "IPO (Azar et al. 2023)", trl_loss_type="ipo")
+)

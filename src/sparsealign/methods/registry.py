@@ -105,6 +105,50 @@ def _default(method: Method, option: str) -> Any:
     raise KeyError(option)
 
 
+def trl_loss_types() -> dict[str, str]:
+    """TRL's ``DPOConfig.loss_type`` values that are a method here (each method's ``trl_loss_type``)."""
+    return {m.trl_loss_type: name for name, m in METHODS.items() if m.trl_loss_type}
+
+
+_TRL_LOSS_TYPES_REFUSED = {
+    "hinge": "TRL's hinge loss is max(0, 1 − β·margin) on the log-ratios against the reference, which is not "
+    "implemented here; method.name=slic is SLiC-HF's calibration hinge on the policy's own log-probs (no "
+    "reference) plus an NLL term, a different objective.",
+    "robust": "TRL's robust loss is Chowdhury et al. (2024)'s unbiased DPO under label noise, which is not "
+    "implemented here; method.name=cdpo with method.label_smoothing=ε is conservative DPO (Mitchell 2023), a "
+    "different loss for the same noise model.",
+}
+
+
+def method_of_loss_type(loss_type: Any) -> str:
+    """The method that TRL's ``loss_type`` names; a :class:`ConfigError` for a loss we do not have."""
+    by_loss = trl_loss_types()
+    if loss_type in by_loss:
+        return by_loss[loss_type]
+    known = ", ".join(f"{trl} (method.name={ours})" for trl, ours in by_loss.items())
+    why = _TRL_LOSS_TYPES_REFUSED.get(loss_type, f"TRL's loss_type={loss_type!r} is not implemented here.")
+    raise ConfigError(
+        f"{why} TRL loss types that map to a method: {known}; or choose a method with method.name "
+        "(`sparsealign config --keys` lists them)."
+    )
+
+
+def _method_name(section: dict[str, Any]) -> Any:
+    """Pop ``name`` (and TRL's ``loss_type``, which names the method too) from the ``method:`` section."""
+    raw_name = section.pop("name", None)
+    if "loss_type" not in section:
+        return raw_name or DEFAULT_METHOD
+    loss_type = section.pop("loss_type")
+    by_loss = method_of_loss_type(loss_type)
+    if raw_name is not None and (not isinstance(raw_name, str) or canonical_name(raw_name) != by_loss):
+        raise ConfigError(
+            f"method.name={raw_name!r} and TRL's loss_type={loss_type!r} (method.name={by_loss}) disagree; "
+            "give one."
+        )
+    logger.info("config: loss_type=%r is TRL's name; using method.name=%s", loss_type, by_loss)
+    return by_loss
+
+
 def build_method_options(section: dict[str, Any]) -> MethodOptions:
     """The chosen method's options from the ``method:`` section of a recipe (``name`` defaults to dpo).
 
@@ -113,7 +157,7 @@ def build_method_options(section: dict[str, Any]) -> MethodOptions:
     written for another method, run with ``method=NAME``), and otherwise an error naming the methods that
     have it, or the closest option: nothing is silently ignored."""
     section = dict(section)
-    raw_name = section.pop("name", None) or DEFAULT_METHOD
+    raw_name = _method_name(section)
     if not isinstance(raw_name, str):
         raise ConfigError(f"'method.name' must be a string, got {raw_name!r}.")
     name = canonical_name(raw_name)

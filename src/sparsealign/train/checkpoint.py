@@ -51,11 +51,13 @@ RESUMABLE_DIFFERENCES = {
 
 @dataclass
 class TrainState:
-    """Where training stands: optimizer steps done; the data position follows from it."""
+    """Where training stands: optimizer steps done (the data position follows from it) and the run's
+    wall-clock seconds so far, which ``metrics.jsonl``'s ``elapsed_s`` continues from on resumption."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    elapsed_s: float = 0.0
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,6 +116,7 @@ def save_checkpoint(
             "step": state.step,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
+            "elapsed_s": round(state.elapsed_s, 3),
             "config": config,
         }
         (tmp / "state.json").write_text(json.dumps(payload, indent=1))
@@ -191,7 +194,9 @@ def load_checkpoint(
     rng_file = folder / f"rng-{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainState(payload["step"], payload["epoch"], payload["batch_in_epoch"])
+    return TrainState(
+        payload["step"], payload["epoch"], payload["batch_in_epoch"], payload.get("elapsed_s", 0.0)
+    )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

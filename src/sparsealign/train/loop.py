@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from sparsealign.train.step import (
     sae_pooling,
     step_inputs,
 )
+from sparsealign.train.tracking import require_tracker
 
 logger = logging.getLogger("sparsealign.train")
 
@@ -78,8 +80,10 @@ class TrainedModels:
 @dataclass
 class RunResult:
     """The outcome of :func:`train`: the run folder, optimizer steps taken, whether it was interrupted, the
-    last logged training and evaluation metrics, the trained models (main process), and the generation
-    report once :func:`sparsealign.api.train` has evaluated."""
+    last logged training and evaluation metrics, the trained models (main process), the generation report
+    once :func:`sparsealign.api.train` has evaluated, and what the end-of-run summary shows: the run's
+    elapsed seconds (continued across resumption), the mean training tokens/s of this session, the best
+    held-out ``eval/loss`` and its step, and the paths written (a label -> path map)."""
 
     output_dir: Path
     steps: int
@@ -88,21 +92,63 @@ class RunResult:
     eval_metrics: dict[str, float]
     trained: TrainedModels | None = None
     report: dict[str, Any] | None = None
+    elapsed_s: float = 0.0
+    tokens_per_s: float | None = None
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    written: dict[str, Path] = field(default_factory=dict)
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per logged step) plus accelerate trackers."""
+    """``metrics.jsonl`` (one JSON object per logged step) plus accelerate trackers.
 
-    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+    Each line also carries ``time`` (the wall clock, ISO-8601 UTC) and ``elapsed_s`` (seconds since the run
+    started: ``elapsed_before`` — the checkpoint's, on resumption — plus the time since ``started``, a
+    :func:`time.perf_counter` reading). Trackers get the metrics only; they keep their own clocks.
+    """
+
+    def __init__(self, path: Path, accelerator: Accelerator, started: float, elapsed_before: float = 0.0):
         self.path = path
         self.accelerator = accelerator
+        self.started = started
+        self.elapsed_before = elapsed_before
+
+    def elapsed(self) -> float:
+        """Seconds since the run started, including the time before a resumption."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: round(v, 8) if isinstance(v, float) else v for k, v in metrics.items()}}
+        record["time"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        record["elapsed_s"] = round(self.elapsed(), 3)
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         self.accelerator.log(metrics, step=step)
+
+
+def best_eval_loss(path: Path) -> tuple[float, int] | None:
+    """The lowest ``eval/loss`` in a ``metrics.jsonl`` and its step (the first on ties); None without one."""
+    if not path.is_file():
+        return None
+    best: tuple[float, int] | None = None
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        loss = record.get("eval/loss")
+        if isinstance(loss, (int, float)) and (best is None or loss < best[0]):
+            best = (float(loss), int(record["step"]))
+    return best
+
+
+def progress_postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows after a logged step: the loss, the reward accuracy when the method logs
+    ``rewards/accuracies``, and the training throughput (tokens/s summed over processes)."""
+    postfix = {"loss": f"{metrics['loss']:.4f}"}
+    if "rewards/accuracies" in metrics:
+        postfix["acc"] = f"{metrics['rewards/accuracies']:.3f}"
+    if "tokens_per_s" in metrics:
+        postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+    return postfix
 
 
 def _mean_metrics(
@@ -164,6 +210,8 @@ def _progress(total: int, start: int, enabled: bool):
 
 def train(cfg: Config) -> RunResult:
     """Train ``cfg.model`` with ``cfg.method`` on ``cfg.data``; write the run folder; return a summary."""
+    started = time.perf_counter()
+    require_tracker(cfg.train.tracker)  # before any expensive work: accelerate would only warn
     output_dir = Path(cfg.output_dir)
     tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
     accelerator = Accelerator(
@@ -243,7 +291,7 @@ def train(cfg: Config) -> RunResult:
         metrics_path.unlink()
     if tracker:
         accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config_tree.items()})
-    log = MetricsLog(metrics_path, accelerator)
+    log = MetricsLog(metrics_path, accelerator, started, state.elapsed_s)
 
     def checkpoint(rng: dict[str, Any] | None = None) -> None:
         """Save at the current step boundary; ``rng`` is the RNG state at that boundary (default: now)."""
@@ -251,6 +299,7 @@ def train(cfg: Config) -> RunResult:
         if accelerator.is_main_process:
             epoch, index = plan.position(state.step)
             state.epoch, state.batch_in_epoch = epoch, index
+            state.elapsed_s = log.elapsed()
             save_checkpoint(
                 output_dir / "checkpoints" / f"step-{state.step}",
                 unwrapped,
@@ -263,6 +312,28 @@ def train(cfg: Config) -> RunResult:
             prune_checkpoints(output_dir, cfg.train.keep_checkpoints)
         accelerator.wait_for_everyone()
 
+    def result(interrupted: bool, trained: TrainedModels | None = None) -> RunResult:
+        """The run's outcome and what the end-of-run summary shows (see :class:`RunResult`)."""
+        best = best_eval_loss(metrics_path) if accelerator.is_main_process else None
+        written = {"config": output_dir / "config.yaml", "metrics": metrics_path}
+        if list_checkpoints(output_dir):
+            written["checkpoints"] = output_dir / "checkpoints"
+        if (output_dir / "final").is_dir():
+            written["final"] = output_dir / "final"
+        return RunResult(
+            output_dir,
+            state.step,
+            interrupted,
+            final_metrics,
+            eval_metrics,
+            trained=trained,
+            elapsed_s=log.elapsed(),
+            tokens_per_s=run_tokens / run_seconds if run_seconds > 0 else None,
+            best_eval_loss=best[0] if best else None,
+            best_eval_step=best[1] if best else None,
+            written=written,
+        )
+
     pad = bundle.tokenizer.pad_token_id
     bar = _progress(total, state.step, cfg.train.progress and accelerator.is_main_process)
     last_saved = state.step if resume_from is not None else -1
@@ -272,6 +343,7 @@ def train(cfg: Config) -> RunResult:
     eval_metrics: dict[str, float] = {}
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
     window_tokens, window_start = 0, time.perf_counter()
+    run_tokens, run_seconds = 0.0, 0.0  # over the logged windows: the session's mean tokens/s
     try:
         while state.step < total:
             policy.train()
@@ -302,6 +374,7 @@ def train(cfg: Config) -> RunResult:
                     torch.tensor(float(window_tokens), device=accelerator.device), reduction="sum"
                 )
                 elapsed = time.perf_counter() - window_start
+                run_tokens, run_seconds = run_tokens + float(tokens), run_seconds + elapsed
                 metrics.update(
                     lr=lr, grad_norm=float(grad_norm), tokens_per_s=float(tokens) / max(elapsed, 1e-9)
                 )
@@ -310,7 +383,7 @@ def train(cfg: Config) -> RunResult:
                 final_metrics = metrics
                 window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    bar.set_postfix(progress_postfix(metrics))
             if bar is not None:
                 bar.update(1)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total:
@@ -329,7 +402,7 @@ def train(cfg: Config) -> RunResult:
         logger.warning(
             "interrupted at step %d; checkpoint saved; continue with train.resume=auto", state.step
         )
-        return RunResult(output_dir, state.step, True, final_metrics, eval_metrics)
+        return result(True)
     if bar is not None:
         bar.close()
 
@@ -350,4 +423,4 @@ def train(cfg: Config) -> RunResult:
             bundle.reference = load_reference(cfg.model, cfg.train.seed, accelerator.device, digest)
         trained = TrainedModels(bundle, data, accelerator.device)
     accelerator.end_training()
-    return RunResult(output_dir, state.step, interrupted, final_metrics, eval_metrics, trained=trained)
+    return result(interrupted, trained)
