@@ -4,7 +4,8 @@
 ``imdb/sparsepo``. A RECIPE is a YAML file or the name of a built-in recipe (``smoke``, ``imdb/dpo``;
 ``sparsealign recipes`` lists them, see :mod:`sparsealign.recipes`). ``sparsealign cache RECIPE`` stores a
 recipe's reference outputs (the offline reference cache). ``sparsealign config [RECIPE] [key=value ...]``
-prints the resolved config (``--keys`` lists every key with its help). Heavy libraries are imported only
+prints the resolved config (``--keys`` lists every key with its help). ``sparsealign train --nproc N`` runs N
+processes through ``accelerate launch``; ``sparsealign push RUN --repo-id NAME`` uploads ``RUN/final``. Heavy libraries are imported only
 inside the commands, so ``sparsealign --help`` answers at once.
 """
 
@@ -31,6 +32,7 @@ COMMANDS = {
     "masks": "Write an HTML page colouring response tokens by their SparsePO/MaPO reward and KL masks.",
     "sae": "Sparse autoencoders: `sae train` trains a TopK SAE on a model's activations (or a built-in).",
     "recipes": "List the built-in recipes (run one by name: sparsealign train NAME) with their descriptions.",
+    "push": "Upload a run's final model or LoRA adapter, with its model card, to the Hugging Face hub.",
 }
 RECIPE_HELP = (
     f"A YAML recipe file or a built-in recipe's name (`sparsealign recipes` lists them; default: "
@@ -71,9 +73,75 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    from sparsealign.train.summary import format_run_summary
+    import os
 
-    print(format_run_summary(result))
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, the main process alone prints it
+        from sparsealign.train.summary import format_run_summary
+
+        print(format_run_summary(result))
+    return 0
+
+
+def launch_command(
+    nproc: int, train_args: list[str], gpus: int, verbose: bool = False
+) -> tuple[list[str], dict]:
+    """``sparsealign train --nproc N``: the ``accelerate launch`` command line and the environment variables
+    to add, for ``N`` processes on this machine (``gpus``: its GPU count).
+
+    With GPUs, one process per GPU, through the shipped ``ddp.yaml`` (so a default config saved by
+    ``accelerate config`` does not change the run); without, ``N`` CPU processes: ``ACCELERATE_USE_CPU=1``
+    with the same multi-process launcher (accelerate's ``--cpu`` alone needs MPI). A free port is picked
+    so that two runs on one machine do not collide.
+    """
+    from sparsealign.errors import TrainingError
+
+    if nproc < 1:
+        raise TrainingError(f"--nproc must be at least 1, not {nproc}")
+    if gpus and nproc > gpus:
+        raise TrainingError(f"--nproc {nproc}, but this machine has {gpus} GPU(s): use at most {gpus}.")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(RECIPES_DIR / "accelerate" / "ddp.yaml"),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "sparsealign.cli",
+        *(["-v"] if verbose else []),
+        "train",
+        *train_args,
+    ]
+    return argv, ({} if gpus else {"ACCELERATE_USE_CPU": "1"})
+
+
+def _cmd_train_maybe_launched(args: argparse.Namespace) -> int:
+    """``train`` as is, or with ``--nproc N`` (N > 1) re-executed under ``accelerate launch``."""
+    if args.nproc is None or args.nproc == 1:
+        return _cmd_train(args)
+    import os
+
+    import torch
+
+    argv, env = launch_command(args.nproc, args.args, torch.cuda.device_count(), args.verbose)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, {**os.environ, **env})  # replaces this process; does not return
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from sparsealign.train.push import push_run
+
+    url = push_run(args.run, args.repo_id, private=args.private)
+    print(f"Pushed {Path(args.run) / 'final'} to {args.repo_id}: {url}")
     return 0
 
 
@@ -192,7 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     train = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
     train.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]", help=RECIPE_HELP)
-    train.set_defaults(func=_cmd_train)
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="Train with N processes on this machine through `accelerate launch` (one per GPU; without GPUs, "
+        "N CPU processes). Without it: one process.",
+    )
+    train.set_defaults(func=_cmd_train_maybe_launched)
     config = sub.add_parser("config", help=COMMANDS["config"], description=COMMANDS["config"])
     config.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]", help=RECIPE_HELP)
     config.add_argument("--keys", action="store_true", help="List every key, its default and its meaning.")
@@ -203,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(func=_cmd_cache)
     recipes = sub.add_parser("recipes", help=COMMANDS["recipes"], description=COMMANDS["recipes"])
     recipes.set_defaults(func=_cmd_recipes)
+    push = sub.add_parser("push", help=COMMANDS["push"], description=COMMANDS["push"])
+    push.add_argument("run", help="A run folder with a final/ (runs/<name>).")
+    push.add_argument("--repo-id", required=True, metavar="NAME", help="The hub repository: owner/name.")
+    push.add_argument("--private", action="store_true", help="Create the repository private.")
+    push.set_defaults(func=_cmd_push)
     masks = sub.add_parser("masks", help=COMMANDS["masks"], description=COMMANDS["masks"])
     masks.add_argument("run", help="A run folder of a sparsepo or mapo run.")
     masks.add_argument("--n", type=int, default=8, help="Number of held-out pairs to show.")

@@ -65,6 +65,24 @@ class ModelConfig:
     lora: LoraConfig | None = _help("LoRA adapter settings; null trains all weights.", default=None)
     disable_dropout: bool = _help("Set every dropout probability in policy and reference to 0.", default=True)
     merge_final: bool = _help("With LoRA, also write a merged full model to final/merged/.", default=False)
+    tokenizer: str | None = _help(
+        "A separate tokenizer (built-in, folder or hub id, at its default revision); null: the model's own.",
+        default=None,
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = _help(
+        "Attention kernel passed to transformers (flash_attention_2 needs CUDA and the flash-attn package); "
+        "null: transformers' default.",
+        default=None,
+    )
+    load_in_4bit: bool = _help(
+        "QLoRA: load the base weights in 4-bit NF4 through bitsandbytes (needs CUDA, bitsandbytes and "
+        "model.lora).",
+        default=False,
+    )
+    load_in_8bit: bool = _help(
+        "Load the base weights in 8-bit through bitsandbytes (needs CUDA, bitsandbytes and model.lora).",
+        default=False,
+    )
 
 
 @dataclass
@@ -181,6 +199,15 @@ class ReferenceConfig:
         default=None,
     )
     batch_size: int = _help("Pairs per reference forward while building the cache.", default=8)
+    model: str | None = _help(
+        "A different reference model (built-in, folder or hub id), e.g. the base model while model.name is "
+        "an SFT checkpoint; it must share the policy's tokenizer. null: the policy's starting point (a frozen "
+        "copy, or the disabled LoRA adapter).",
+        default=None,
+    )
+    revision: str | None = _help(
+        "Hub revision of reference.model (branch, tag or commit) when it is a hub id.", default=None
+    )
 
 
 @dataclass

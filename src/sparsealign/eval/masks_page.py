@@ -40,7 +40,7 @@ def compute_masks(cfg: Config, run: Path, n: int) -> list[dict]:
         raise UserError(
             f"Run {run} trained with method '{cfg.method.name}', which has no token masks ({with_masks} do)."
         )
-    bundle = load_bundle(cfg.model, cfg.train.seed, torch.device("cpu"), need_reference=True)
+    bundle = load_bundle(cfg.model, cfg.train.seed, torch.device("cpu"), reference=cfg.reference)
     data = prepare_data(cfg, bundle)
     pairs = (data.eval or data.train)[:n]
     module = None

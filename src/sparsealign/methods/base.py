@@ -116,6 +116,8 @@ class Method:
     method-specific validation, raising ``ConfigError``. ``aliases``: other programs' option names,
     ``{alias: (option, convert)}``, accepted with a note (an empty ``option``: ``convert`` only checks the
     value, which is then dropped); ``name_aliases``: other names of the method. ``summary``: one line (paper and year) for help and docs.
+    ``citation``: the method's paper, as a BibTeX entry or one "Author et al. YEAR, Title, arXiv:ID" line (the
+    model card of every run cites it; empty when there is no paper to cite).
     """
 
     name: str
@@ -123,6 +125,7 @@ class Method:
     options: type[MethodOptions]
     needs: frozenset[Need] = frozenset()
     summary: str = ""
+    citation: str = ""
     rows: Literal["pairs", "chosen"] = "pairs"
     module: ModuleBuilder | None = None
     module_weight_decay: Callable[[Any], float] | None = None

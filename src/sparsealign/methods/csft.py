@@ -115,6 +115,7 @@ register(
         csft,
         CSFTOptions,
         summary="Conditional SFT on both responses with control prefixes (Korbak et al. 2023; HALOs' CSFT)",
+        citation="Korbak et al. 2023, Pretraining Language Models with Human Preferences, arXiv:2302.08582",
         prepare_pairs=prepare_pairs,
         check=_check,
     )

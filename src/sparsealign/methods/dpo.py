@@ -33,13 +33,33 @@ def _check_cdpo(config: Config) -> None:
         )
 
 
+DPO_CITATION = (
+    "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model, "
+    "arXiv:2305.18290"
+)
+
 register(
     Method(
-        "dpo", dpo, DPOOptions, {Need.REFERENCE_LOGPS}, "DPO (Rafailov et al. 2023)", trl_loss_type="sigmoid"
+        "dpo",
+        dpo,
+        DPOOptions,
+        {Need.REFERENCE_LOGPS},
+        "DPO (Rafailov et al. 2023)",
+        trl_loss_type="sigmoid",
+        citation=DPO_CITATION,
     )
 )
 register(
     Method(
-        "cdpo", dpo, DPOOptions, {Need.REFERENCE_LOGPS}, "conservative DPO (Mitchell 2023)", check=_check_cdpo
+        "cdpo",
+        dpo,
+        DPOOptions,
+        {Need.REFERENCE_LOGPS},
+        "conservative DPO (Mitchell 2023)",
+        check=_check_cdpo,
+        citation=(
+            "Mitchell 2023, A note on DPO with noisy preferences and relationship to IPO, "
+            "https://ericmitchell.ai/cdpo.pdf"
+        ),
     )
 )

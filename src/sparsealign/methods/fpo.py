@@ -60,5 +60,9 @@ register(
         "FPO, sparse-autoencoder feature constraint",
         check=_check,
         sae_pooling=lambda options: options.pool_positions,
+        citation=(
+            "Yin et al. 2024, Direct Preference Optimization Using Sparse Feature-Level Constraints, "
+            "arXiv:2411.07618"
+        ),
     )
 )

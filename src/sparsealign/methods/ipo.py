@@ -21,5 +21,16 @@ def ipo(out: StepOutputs, options: IPOOptions) -> LossOutput:
 
 # TRL's loss_type="ipo", like ours, squares the length-normalised log-ratio margin minus 1/(2τ).
 register(
-    Method("ipo", ipo, IPOOptions, {Need.REFERENCE_LOGPS}, "IPO (Azar et al. 2023)", trl_loss_type="ipo")
+    Method(
+        "ipo",
+        ipo,
+        IPOOptions,
+        {Need.REFERENCE_LOGPS},
+        "IPO (Azar et al. 2023)",
+        trl_loss_type="ipo",
+        citation=(
+            "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences, "
+            "arXiv:2310.12036"
+        ),
+    )
 )

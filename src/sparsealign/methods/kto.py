@@ -67,6 +67,10 @@ def _check(config: Config) -> None:
         )
 
 
+KTO_CITATION = (
+    "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization, arXiv:2402.01306"
+)
+
 register(
     Method(
         "kto",
@@ -75,6 +79,7 @@ register(
         {Need.REFERENCE_LOGPS, Need.MISMATCHED},
         "KTO (Ethayarajh et al. 2024)",
         check=_check,
+        citation=KTO_CITATION,
     )
 )
 register(
@@ -85,5 +90,6 @@ register(
         {Need.REFERENCE_LOGPS},
         "KTO with the reference point fixed at 0 (HALOs' KTOZero)",
         check=_check,
+        citation=KTO_CITATION,
     )
 )

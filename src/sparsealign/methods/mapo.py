@@ -54,6 +54,10 @@ register(
         {Need.REFERENCE_LOGPS, Need.TOKEN_KL, Need.ACTIVATION_MASK},
         "MaPO, activation token masks (Christopoulou et al. 2024)",
         activation_types=lambda options: resolve_activation_types(options.activations),
+        citation=(
+            "Christopoulou et al. 2024, "
+            "SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks, arXiv:2410.05102"
+        ),
         check=_check,
         aliases={
             "activation_hook": ("activations", lambda v: v),

@@ -21,5 +21,14 @@ def orpo(out: StepOutputs, options: ORPOOptions) -> LossOutput:
 
 
 register(
-    Method("orpo", orpo, ORPOOptions, summary="ORPO, odds-ratio preference optimisation (Hong et al. 2024)")
+    Method(
+        "orpo",
+        orpo,
+        ORPOOptions,
+        summary="ORPO, odds-ratio preference optimisation (Hong et al. 2024)",
+        citation=(
+            "Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model, "
+            "arXiv:2403.07691"
+        ),
+    )
 )

@@ -136,6 +136,10 @@ register(
         {Need.REFERENCE_LOGPS},
         "offline one-step PPO with a value head (HALOs, Ethayarajh et al. 2024)",
         module=value_head,
+        citation=(
+            "Schulman et al. 2017, Proximal Policy Optimization Algorithms, "
+            "arXiv:1707.06347; offline as in HALOs, Ethayarajh et al. 2024, arXiv:2402.01306"
+        ),
         check=_check,
     )
 )

@@ -20,4 +20,15 @@ def simpo(out: StepOutputs, options: SimPOOptions) -> LossOutput:
     return simpo_loss(pc.logps, pr.logps, pc.mask, pr.mask, beta=options.beta, gamma=options.gamma)
 
 
-register(Method("simpo", simpo, SimPOOptions, summary="SimPO (Meng et al. 2024)"))
+register(
+    Method(
+        "simpo",
+        simpo,
+        SimPOOptions,
+        summary="SimPO (Meng et al. 2024)",
+        citation=(
+            "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward, "
+            "arXiv:2405.14734"
+        ),
+    )
+)

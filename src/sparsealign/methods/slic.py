@@ -21,4 +21,14 @@ def slic(out: StepOutputs, options: SLiCOptions) -> LossOutput:
     return slic_loss(pc.logps, pr.logps, pc.mask, pr.mask, delta=options.delta, lam=options.lam)
 
 
-register(Method("slic", slic, SLiCOptions, summary="SLiC-HF, calibration hinge plus NLL (Zhao et al. 2023)"))
+register(
+    Method(
+        "slic",
+        slic,
+        SLiCOptions,
+        summary="SLiC-HF, calibration hinge plus NLL (Zhao et al. 2023)",
+        citation=(
+            "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback, arXiv:2305.10425"
+        ),
+    )
+)

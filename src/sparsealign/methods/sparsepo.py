@@ -90,6 +90,10 @@ register(
         {Need.REFERENCE_LOGPS, Need.TOKEN_KL, Need.REFERENCE_LAYERS},
         "SparsePO, learned token masks (Christopoulou et al. 2024)",
         module=mask_networks,
+        citation=(
+            "Christopoulou et al. 2024, "
+            "SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks, arXiv:2410.05102"
+        ),
         module_weight_decay=lambda options: options.mask_weight_decay,
         aliases={
             "rw_kl_independent": ("shared_mask", lambda independent: not independent),

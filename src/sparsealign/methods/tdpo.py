@@ -29,5 +29,7 @@ def tdpo(out: StepOutputs, options: TDPO1Options) -> LossOutput:
 
 
 NEEDS = {Need.REFERENCE_LOGPS, Need.TOKEN_KL}
-register(Method("tdpo1", tdpo, TDPO1Options, NEEDS, "TDPO1 (Zeng et al. 2024)"))
-register(Method("tdpo2", tdpo, TDPO2Options, NEEDS, "TDPO2 (Zeng et al. 2024)"))
+TDPO_CITATION = "Zeng et al. 2024, Token-level Direct Preference Optimization, arXiv:2404.11999"
+
+register(Method("tdpo1", tdpo, TDPO1Options, NEEDS, "TDPO1 (Zeng et al. 2024)", citation=TDPO_CITATION))
+register(Method("tdpo2", tdpo, TDPO2Options, NEEDS, "TDPO2 (Zeng et al. 2024)", citation=TDPO_CITATION))

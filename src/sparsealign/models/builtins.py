@@ -334,6 +334,29 @@ def resolve_smollm2() -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Saved copies of the random built-ins, so that a LoRA adapter names a base that loads.
+
+
+def saved_random_builtin(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """A folder holding ``model`` (a freshly built random built-in) and ``tokenizer``, written once.
+
+    The folder is ``<cache>/models/<name>/<weights digest>``: the digest names the exact weights (seed and
+    the transformers version's initialisation), so an existing folder is reused as it is and never holds
+    other weights. A LoRA adapter records it as ``base_model_name_or_path``, which is what
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads. Written with
+    :func:`sparsealign.io.atomic_folder`, so concurrent writers leave one complete folder.
+    """
+    from sparsealign.models.digest import weights_digest
+
+    target = cache_root() / "models" / name / weights_digest(model)[:16]
+    if not _is_model_folder(target):
+        with atomic_folder(target) as work:
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
 # Registry.
 
 

@@ -13,16 +13,27 @@ Every failure is a :class:`ModelError` whose message says what to download and w
 
 With ``model.lora`` set the policy is a PEFT model and the reference is the same network with the adapter
 switched off (:meth:`ModelBundle.reference_model`); otherwise the reference is a frozen copy of the policy.
+With ``reference.model`` set the reference is that other model instead (it must share the tokenizer).
+
+Options beyond CPU: ``model.attn_implementation`` (passed to transformers), ``model.load_in_4bit`` /
+``model.load_in_8bit`` (QLoRA through bitsandbytes; checked before anything is downloaded: they need CUDA,
+the bitsandbytes package and ``model.lora``), ``model.tokenizer`` (a separate tokenizer).
+
+``model.revision`` applies to every load of ``model.name`` (weights, tokenizer, the base a LoRA adapter
+records); ``reference.revision`` to ``reference.model``. It does not apply to ``model.tokenizer``, the reward
+classifier or SAE repositories, which are other repositories loaded at their default revision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
+import importlib.util
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,14 +44,14 @@ from torch import nn
 from sparsealign.errors import ModelError
 from sparsealign.hub import hub_offline_flag, hub_reachable
 from sparsealign.io import atomic_folder
-from sparsealign.models.builtins import BUILTIN_MODELS
+from sparsealign.models.builtins import BUILTIN_MODELS, saved_random_builtin
 from sparsealign.models.digest import weights_digest
 from sparsealign.models.dtype import resolve_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from sparsealign.config import LoraConfig, ModelConfig
+    from sparsealign.config import LoraConfig, ModelConfig, ReferenceConfig
 
 __all__ = [
     "ModelBundle",
@@ -93,7 +104,7 @@ def _check_local_folder(name: str) -> str:
             f"Model folder '{path}' has no config.json, so it is not a model saved with save_pretrained "
             f"(config.json + *.safetensors + tokenizer files).{hint}"
         )
-    return str(path)
+    return str(path.resolve())  # absolute, so that a LoRA adapter's recorded base loads from anywhere
 
 
 def _hub_unreachable(name: str) -> ModelError:
@@ -109,11 +120,19 @@ def _hub_unreachable(name: str) -> ModelError:
     )
 
 
-def _from_pretrained(loader: Any, source: str, kind: Kind, cfg: ModelConfig, what: str, **kwargs: Any) -> Any:
+def _from_pretrained(
+    loader: Any,
+    source: str,
+    kind: Kind,
+    cfg: ModelConfig,
+    what: str,
+    revision: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """``loader.from_pretrained`` with the hub switched to cache-only when unreachable; errors as ModelError."""
     if kind == "hub":
         offline = not hub_reachable()
-        kwargs.update(revision=cfg.revision, local_files_only=offline)
+        kwargs.update(revision=revision, local_files_only=offline)
     else:
         offline = False
     try:
@@ -126,16 +145,69 @@ def _from_pretrained(loader: Any, source: str, kind: Kind, cfg: ModelConfig, wha
         raise ModelError(f"Could not load the {what} from {where}: {detail}") from error
 
 
-def _source(cfg: ModelConfig) -> tuple[str, Kind]:
+def _source(name: str) -> tuple[str, Kind]:
     """A folder or hub id to call from_pretrained on (pretrained built-ins are resolved to a folder)."""
-    kind = _kind(cfg.name)
+    kind = _kind(name)
     if kind == "builtin":
-        entry = BUILTIN_MODELS[cfg.name]
-        assert entry.resolve is not None, f"built-in {cfg.name} is built, not loaded"
+        entry = BUILTIN_MODELS[name]
+        assert entry.resolve is not None, f"built-in {name} is built, not loaded"
         return _check_local_folder(entry.resolve()), "local"
     if kind == "local":
-        return _check_local_folder(cfg.name), "local"
-    return cfg.name, "hub"
+        return _check_local_folder(name), "local"
+    return name, "hub"
+
+
+def _quantization(cfg: ModelConfig, device: str | torch.device | None) -> Any:
+    """The ``BitsAndBytesConfig`` for ``load_in_4bit``/``load_in_8bit`` (None without), after checking,
+    before any download, that this machine and configuration can use it.
+
+    4-bit is QLoRA's NF4 with double quantisation and compute in the resolved dtype (Dettmers et al., 2023,
+    "QLoRA: Efficient Finetuning of Quantized LLMs")."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    flag = "model.load_in_4bit" if cfg.load_in_4bit else "model.load_in_8bit"
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ModelError("Set one of model.load_in_4bit and model.load_in_8bit, not both.")
+    if cfg.lora is None:
+        raise ModelError(
+            f"{flag} loads frozen quantised weights, which cannot be trained directly; set model.lora "
+            "(e.g. model.lora.r=16) to train a LoRA adapter on top of them (QLoRA)."
+        )
+    on_cpu = (device is not None and torch.device(device).type != "cuda") or not torch.cuda.is_available()
+    missing = importlib.util.find_spec("bitsandbytes") is None
+    if on_cpu or missing:
+        needs = []
+        if on_cpu:
+            needs.append("an NVIDIA GPU with CUDA (this run is on the CPU)")
+        if missing:
+            needs.append("the bitsandbytes package (`pip install bitsandbytes`)")
+        raise ModelError(
+            f"{flag} needs {' and '.join(needs)}. On this machine drop {flag} (plain LoRA in float32 or "
+            "bfloat16 trains the same adapter with more memory)."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype, device),
+    )
+
+
+def _check_attention(cfg: ModelConfig, device: str | torch.device | None) -> None:
+    """Refuse ``flash_attention_2`` up front where it cannot run (transformers' own error comes late)."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    on_cpu = (device is not None and torch.device(device).type != "cuda") or not torch.cuda.is_available()
+    missing = importlib.util.find_spec("flash_attn") is None
+    if on_cpu or missing:
+        needs = "a CUDA GPU" if on_cpu else "the flash-attn package (`pip install flash-attn`)"
+        raise ModelError(
+            f"model.attn_implementation=flash_attention_2 needs {needs}; use sdpa or eager on this machine."
+        )
 
 
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
@@ -160,16 +232,28 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
 # Public loaders.
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer for ``cfg.name``, with a pad token (EOS when it had none)."""
+def _tokenizer_named(
+    name: str, revision: str | None, cfg: ModelConfig, separate: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of a built-in, folder or hub id; a ``separate`` tokenizer folder needs no config.json."""
     from transformers import AutoTokenizer
 
-    entry = BUILTIN_MODELS.get(cfg.name)
+    entry = BUILTIN_MODELS.get(name)
     if entry is not None and entry.tokenizer is not None:
-        tokenizer = entry.tokenizer()
+        return entry.tokenizer()
+    if separate and _kind(name) == "local" and Path(name).expanduser().is_dir():
+        return _from_pretrained(AutoTokenizer, str(Path(name).expanduser()), "local", cfg, "tokenizer")
+    source, kind = _source(name)
+    return _from_pretrained(AutoTokenizer, source, kind, cfg, "tokenizer", revision)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``cfg.tokenizer`` when set, else of ``cfg.name`` (at ``cfg.revision``), with a pad
+    token (EOS when it had none)."""
+    if cfg.tokenizer is not None:
+        tokenizer = _tokenizer_named(cfg.tokenizer, None, cfg, separate=True)
     else:
-        source, kind = _source(cfg)
-        tokenizer = _from_pretrained(AutoTokenizer, source, kind, cfg, "tokenizer")
+        tokenizer = _tokenizer_named(cfg.name, cfg.revision, cfg)
     _ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -209,29 +293,47 @@ def load_model(
     """``(model, tokenizer)`` for ``cfg``: on ``device`` (CPU when None), in eval mode, dtype resolved.
 
     Random built-ins draw their weights from ``seed`` without changing the global RNG state. The tokenizer
-    gets a pad token (EOS) when it has none. With ``cfg.disable_dropout`` all dropout is switched off.
+    (``cfg.tokenizer`` when set) gets a pad token (EOS) when it has none. With ``cfg.disable_dropout`` all
+    dropout is switched off. Quantised loading (``load_in_4bit``/``load_in_8bit``) and
+    ``flash_attention_2`` are checked before anything is downloaded; a quantised random built-in is saved
+    once (:func:`~sparsealign.models.builtins.saved_random_builtin`) and loaded from that folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    quantization = _quantization(cfg, device)
+    _check_attention(cfg, device)
     dtype = resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": torch.device(device or "cuda")})
     entry = BUILTIN_MODELS.get(cfg.name)
     if entry is not None and entry.build is not None:
         model, tokenizer = entry.build(seed)
-        model = model.to(dtype)
+        if quantization is not None:
+            folder = str(saved_random_builtin(cfg.name, model, tokenizer))
+            model = _from_pretrained(AutoModelForCausalLM, folder, "local", cfg, "model", **kwargs)
+        else:
+            model = model.to(dtype)
+            if cfg.attn_implementation is not None:
+                model.set_attn_implementation(cfg.attn_implementation)
     else:
-        source, kind = _source(cfg)
-        tokenizer = _from_pretrained(AutoTokenizer, source, kind, cfg, "tokenizer")
-        model = _from_pretrained(AutoModelForCausalLM, source, kind, cfg, "model", dtype=dtype)
+        source, kind = _source(cfg.name)
+        tokenizer = _tokenizer_named(cfg.name, cfg.revision, cfg)
+        model = _from_pretrained(AutoModelForCausalLM, source, kind, cfg, "model", cfg.revision, **kwargs)
+    if cfg.tokenizer is not None:
+        tokenizer = _tokenizer_named(cfg.tokenizer, None, cfg, separate=True)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ModelError(
-            f"The tokenizer of '{cfg.name}' has {len(tokenizer)} tokens but the model's embedding only {rows} "
-            f"rows; the folder mixes a tokenizer and a model that do not belong together."
+            f"The tokenizer of '{cfg.tokenizer or cfg.name}' has {len(tokenizer)} tokens but the model's "
+            f"embedding only {rows} rows; the tokenizer and the model do not belong together."
         )
     _ensure_pad_token(tokenizer, model)
     if cfg.disable_dropout:
         disable_dropout(model)
-    if device is not None:
+    if device is not None and quantization is None:  # a quantised model was placed by device_map
         model = model.to(device)
     model.eval()
     return model, tokenizer
@@ -245,10 +347,13 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraConfig, seed: int = 0) -> nn.Module:
+def apply_lora(
+    model: PreTrainedModel, lora: LoraConfig, seed: int = 0, revision: str | None = None
+) -> nn.Module:
     """Wrap ``model`` with a PEFT LoRA adapter (base weights frozen; adapter init drawn from ``seed``).
 
     ``target_modules='all-linear'`` adapts every linear (and GPT-2 ``Conv1D``) layer except the output head.
+    The adapter records ``model.name_or_path`` as its base and ``revision`` as the base's hub revision.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -266,7 +371,7 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, seed: int = 0) -> nn.Mo
     try:
         with torch.random.fork_rng(devices=[]), _quiet_peft():
             torch.manual_seed(seed)
-            return get_peft_model(model, peft_config)
+            return get_peft_model(model, peft_config, revision=revision)
     except ValueError as error:
         linear = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
@@ -289,6 +394,10 @@ class ModelBundle:
     the policy with its adapter disabled) or when no reference was asked for (training from a reference
     cache). ``untrained`` stays True until the trainer's first step: until then the policy *is* the
     reference, so without a copy the reference is the policy itself (e.g. to sample on-policy pairs).
+
+    ``reference_loader`` is set when the reference is a separate model (``reference.model``): it loads that
+    model, on first use when it was not loaded up front, and it always takes precedence over the disabled
+    adapter or the untrained policy.
     """
 
     policy: nn.Module
@@ -296,6 +405,28 @@ class ModelBundle:
     reference: nn.Module | None = None
     is_lora: bool = False
     untrained: bool = True
+    reference_loader: Callable[[], nn.Module] | None = None
+    _reference_digest: str | None = dataclasses.field(default=None, repr=False)
+
+    def reference_digest(self) -> str:
+        """The weights digest of the separate reference model (loaded for it, then dropped, if not loaded
+        yet); what a reference cache records of it."""
+        if self.reference_loader is None:
+            raise ModelError("This bundle has no separate reference model (reference.model).")
+        if self._reference_digest is None:
+            model = self.reference if self.reference is not None else self.reference_loader()
+            self._reference_digest = weights_digest(model)
+        return self._reference_digest
+
+    def _load_separate_reference(self) -> nn.Module:
+        assert self.reference_loader is not None
+        model = self.reference_loader()
+        if self._reference_digest is not None and weights_digest(model) != self._reference_digest:
+            raise ModelError(
+                "Reloading the reference model gave different weights than when the run started; the model "
+                "changed on disk during the run."
+            )
+        return model
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
@@ -304,6 +435,8 @@ class ModelBundle:
         With LoRA this is the policy itself inside ``disable_adapter()``, switched to eval mode for the
         duration; the train/eval mode of every submodule is restored on exit.
         """
+        if self.reference is None and self.reference_loader is not None:
+            self.reference = self._load_separate_reference()
         if self.reference is not None:
             yield self.reference
             return
@@ -332,21 +465,79 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference
 
 
+def reference_model_config(cfg: ModelConfig, reference: ReferenceConfig) -> ModelConfig:
+    """The :class:`ModelConfig` that loads ``reference.model``: the policy's loading options (dtype,
+    attention, quantisation, dropout) with the reference's name and revision, its own tokenizer, no LoRA."""
+    assert reference.model is not None
+    return dataclasses.replace(
+        cfg, name=reference.model, revision=reference.revision, tokenizer=None, lora=None
+    )
+
+
+def _check_same_vocabulary(
+    policy: PreTrainedTokenizerBase, reference: PreTrainedTokenizerBase, name: str
+) -> None:
+    """Reference log-probs are read at the policy's token ids, so both must map text to the same ids."""
+    if policy.get_vocab() == reference.get_vocab():
+        return
+    a, b = policy.get_vocab(), reference.get_vocab()
+    differing = sorted(t for t in set(a) | set(b) if a.get(t) != b.get(t))
+    raise ModelError(
+        f"reference.model '{name}' has a different tokenizer than the policy ({len(b)} vs {len(a)} tokens; "
+        f"{len(differing)} tokens differ, e.g. {differing[:3]!r}). The reference scores the policy's token "
+        "ids, so it must share the policy's vocabulary: use a reference from the same model family, or "
+        "leave reference.model unset."
+    )
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def load_bundle(
-    cfg: ModelConfig, seed: int = 0, device: str | torch.device | None = None, need_reference: bool = True
+    cfg: ModelConfig,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    need_reference: bool = True,
+    reference: ReferenceConfig | None = None,
 ) -> ModelBundle:
     """Policy (+ LoRA adapter when ``cfg.lora`` is set), tokenizer and reference for a training run.
 
     Full fine-tuning with ``need_reference`` gets a frozen copy of the freshly loaded policy (same weights,
     not re-drawn). With LoRA the reference is never a second copy: see :meth:`ModelBundle.reference_model`.
+    With ``reference.model`` set, the reference is that model instead (LoRA or not), loaded now with
+    ``need_reference`` and otherwise on first use; its vocabulary is checked against the policy's first.
     Dropout is disabled (``cfg.disable_dropout``) on the base model before the adapter is added, so
-    ``lora.dropout`` keeps its configured value.
+    ``lora.dropout`` keeps its configured value. With quantised loading the base is prepared for training
+    (peft's ``prepare_model_for_kbit_training``) before the adapter is added. A LoRA adapter of a random
+    built-in records the built-in's saved folder as its base, so ``AutoPeftModelForCausalLM`` loads it.
     """
     model, tokenizer = load_model(cfg, seed, device)
+    loader = None
+    if reference is not None and reference.model is not None:
+        ref_cfg = reference_model_config(cfg, reference)
+        _check_same_vocabulary(tokenizer, load_tokenizer(ref_cfg), reference.model)
+
+        def loader() -> nn.Module:
+            return _frozen(load_model(ref_cfg, seed, device)[0])
+
+    separate = loader() if loader is not None and need_reference else None
     if cfg.lora is not None:
-        return ModelBundle(apply_lora(model, cfg.lora, seed), tokenizer, reference=None, is_lora=True)
-    reference = frozen_copy(model) if need_reference else None
-    return ModelBundle(model, tokenizer, reference=reference, is_lora=False)
+        entry = BUILTIN_MODELS.get(cfg.name)
+        if entry is not None and entry.build is not None and not (cfg.load_in_4bit or cfg.load_in_8bit):
+            model.name_or_path = str(saved_random_builtin(cfg.name, model, tokenizer))
+        if cfg.load_in_4bit or cfg.load_in_8bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        revision = cfg.revision if _kind(cfg.name) == "hub" else None
+        policy = apply_lora(model, cfg.lora, seed, revision)
+        return ModelBundle(policy, tokenizer, separate, is_lora=True, reference_loader=loader)
+    if separate is None and loader is None and need_reference:
+        separate = frozen_copy(model)
+    return ModelBundle(model, tokenizer, separate, is_lora=False, reference_loader=loader)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -54,12 +54,39 @@ def sae_identity(probe: Any) -> dict[str, Any] | None:
     }
 
 
-def run_identity(cfg: Any, bundle: Any, probe: Any = None, digest: str | None = None) -> dict[str, Any]:
-    """The header fields a run needs its cache to have. ``digest``: the reference weights' digest, when
-    already computed (it must be taken from the untrained policy)."""
+def _reference_model(cfg: Any, bundle: Any, digest: str | None) -> dict[str, Any]:
+    """Which model produced the reference side: ``reference.model`` when set (its digest, computed by the
+    bundle), else the policy's starting point (``digest``, or the untrained policy's weights)."""
+    from sparsealign.errors import ModelError
     from sparsealign.models.logprobs import unwrap_causal_lm
 
     lm = unwrap_causal_lm(bundle.policy)
+    dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
+    separate = getattr(cfg.reference, "model", None)
+    if separate is not None:
+        if getattr(bundle, "reference_loader", None) is None:
+            raise ModelError(
+                "reference.model is set but the bundle was loaded without it; pass "
+                "reference=cfg.reference to load_bundle."
+            )
+        return {
+            "name": separate,
+            "revision": cfg.reference.revision,
+            "dtype": dtype,
+            "weights": bundle.reference_digest(),
+        }
+    return {
+        "name": cfg.model.name,
+        "revision": cfg.model.revision,
+        "dtype": dtype,
+        "weights": digest if digest is not None else weights_digest(lm),
+    }
+
+
+def run_identity(cfg: Any, bundle: Any, probe: Any = None, digest: str | None = None) -> dict[str, Any]:
+    """The header fields a run needs its cache to have. ``digest``: the reference weights' digest, when
+    already computed (it must be taken from the untrained policy; ignored with ``reference.model``, whose
+    own weights are digested)."""
     d = cfg.data
     features = None
     if probe is not None:
@@ -68,12 +95,7 @@ def run_identity(cfg: Any, bundle: Any, probe: Any = None, digest: str | None = 
     return {
         "format": FORMAT,
         "version": VERSION,
-        "model": {
-            "name": cfg.model.name,
-            "revision": cfg.model.revision,
-            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
-            "weights": digest if digest is not None else weights_digest(lm),
-        },
+        "model": _reference_model(cfg, bundle, digest),
         "tokenizer": tokenizer_identity(bundle.tokenizer, d.chat_template),
         "data": {
             "max_length": d.max_length,

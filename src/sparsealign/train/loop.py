@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +44,7 @@ from sparsealign.models.loading import (
 from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
 from sparsealign.refcache import ReferenceCache, prepare_reference_cache
 from sparsealign.train.batches import BatchPlan, shard
+from sparsealign.train.callbacks import Callbacks
 from sparsealign.train.checkpoint import (
     TrainState,
     list_checkpoints,
@@ -53,6 +55,7 @@ from sparsealign.train.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
+from sparsealign.train.model_card import write_model_card
 from sparsealign.train.schedule import build_scheduler
 from sparsealign.train.step import (
     build_optimizer,
@@ -117,7 +120,8 @@ class MetricsLog:
         """Seconds since the run started, including the time before a resumption."""
         return self.elapsed_before + time.perf_counter() - self.started
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
+    def write(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """Append one line for ``step`` and return it (the dict callbacks receive)."""
         record = {"step": step, **{k: round(v, 8) if isinstance(v, float) else v for k, v in metrics.items()}}
         record["time"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         record["elapsed_s"] = round(self.elapsed(), 3)
@@ -125,6 +129,7 @@ class MetricsLog:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         self.accelerator.log(metrics, step=step)
+        return record
 
 
 def best_eval_loss(path: Path) -> tuple[float, int] | None:
@@ -194,6 +199,16 @@ def evaluate_loss(
     return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
 
 
+def save_model(session: Session, folder: Path) -> Path:
+    """Write the policy (model or adapter, merged too with ``model.merge_final``) and the method's module, if
+    any, to ``folder``, as ``final/`` is written. Main process only."""
+    cfg = session.cfg
+    saved = save_final(session.bundle, folder, merge=cfg.model.merge_final)
+    if session.unwrapped.extra is not None:
+        save_method_module(session.unwrapped.extra, cfg.method, saved)
+    return saved
+
+
 def _total_steps(cfg: Config, plan: BatchPlan) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
@@ -208,8 +223,65 @@ def _progress(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(cfg: Config) -> RunResult:
-    """Train ``cfg.model`` with ``cfg.method`` on ``cfg.data``; write the run folder; return a summary."""
+@dataclass
+class Session:
+    """A run built and ready to step: what :func:`build` prepares once and :func:`run` trains (the Python
+    API's ``Trainer`` holds one). ``policy`` and ``optimizer`` are accelerate-prepared; ``unwrapped`` is the
+    bare :class:`TokenModel`; ``resumed`` says whether ``state`` came from a checkpoint."""
+
+    cfg: Config
+    accelerator: Accelerator
+    method: Method
+    bundle: ModelBundle
+    data: PreparedData
+    plan: BatchPlan
+    total: int
+    policy: Any
+    unwrapped: TokenModel
+    optimizer: Any
+    scheduler: Any
+    cache: ReferenceCache | None
+    state: TrainState
+    log: MetricsLog
+    config_tree: dict[str, Any]
+    digest: str | None
+    resumed: bool
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def train(cfg: Config, callbacks: Iterable[object] = ()) -> RunResult:
+    """Train ``cfg.model`` with ``cfg.method`` on ``cfg.data``; write the run folder; return a summary.
+    ``callbacks``: see :mod:`sparsealign.train.callbacks`."""
+    hooks = Callbacks(callbacks)  # checked before any expensive work
+    return run(build(cfg), hooks)
+
+
+def evaluate(session: Session, callbacks: Callbacks) -> dict[str, float]:
+    """The held-out loss at the current step (:func:`evaluate_loss`), written to ``metrics.jsonl`` and
+    passed to the callbacks' ``on_evaluate``; ``{}`` without held-out pairs."""
+    s = session
+    metrics = evaluate_loss(s.policy, s.bundle, s.method, s.cfg, s.data.eval, s.accelerator, s.cache)
+    if metrics:
+        record = s.log.write(s.state.step, metrics)
+        if s.accelerator.is_main_process:
+            callbacks.on_evaluate(s.state.step, record)
+    return metrics
+
+
+def _stop_requested(accelerator: Accelerator, wanted: bool) -> bool:
+    """Whether a callback on any process asked to stop; every process gets the same answer."""
+    if accelerator.num_processes == 1:
+        return wanted
+    votes = accelerator.reduce(torch.tensor(float(wanted), device=accelerator.device), reduction="sum")
+    return bool(votes.item() > 0)
+
+
+def build(cfg: Config) -> Session:
+    """Everything before the first step: accelerator, models, data, method module, SAE probe, reference
+    cache, optimizer, schedule, resumption and the metrics log."""
     started = time.perf_counter()
     require_tracker(cfg.train.tracker)  # before any expensive work: accelerate would only warn
     output_dir = Path(cfg.output_dir)
@@ -238,7 +310,11 @@ def train(cfg: Config) -> RunResult:
 
     cached = cfg.reference.cache is not None
     bundle = load_bundle(
-        cfg.model, cfg.train.seed, accelerator.device, need_reference=method.needs_reference and not cached
+        cfg.model,
+        cfg.train.seed,
+        accelerator.device,
+        need_reference=method.needs_reference and not cached,
+        reference=cfg.reference,
     )
     digest = weights_digest(unwrap_causal_lm(bundle.policy)) if cached else None  # the untrained weights
     if cfg.train.gradient_checkpointing:
@@ -292,6 +368,52 @@ def train(cfg: Config) -> RunResult:
     if tracker:
         accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config_tree.items()})
     log = MetricsLog(metrics_path, accelerator, started, state.elapsed_s)
+    return Session(
+        cfg=cfg,
+        accelerator=accelerator,
+        method=method,
+        bundle=bundle,
+        data=data,
+        plan=plan,
+        total=total,
+        policy=policy,
+        unwrapped=unwrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        cache=cache,
+        state=state,
+        log=log,
+        config_tree=config_tree,
+        digest=digest,
+        resumed=resume_from is not None,
+    )
+
+
+def run(session: Session, callbacks: Callbacks | None = None) -> RunResult:
+    """Step a built session to the end (``train.max_steps`` or ``train.epochs``), logging, evaluating and
+    checkpointing on their schedules and calling ``callbacks``; then evaluate and save ``final/``."""
+    callbacks = callbacks if callbacks is not None else Callbacks()
+    s = session
+    cfg, accelerator, method, bundle, data, plan, total = (
+        s.cfg,
+        s.accelerator,
+        s.method,
+        s.bundle,
+        s.data,
+        s.plan,
+        s.total,
+    )
+    policy, unwrapped, optimizer, scheduler, cache, state, log = (
+        s.policy,
+        s.unwrapped,
+        s.optimizer,
+        s.scheduler,
+        s.cache,
+        s.state,
+        s.log,
+    )
+    output_dir, config_tree, digest = s.output_dir, s.config_tree, s.digest
+    metrics_path = log.path
 
     def checkpoint(rng: dict[str, Any] | None = None) -> None:
         """Save at the current step boundary; ``rng`` is the RNG state at that boundary (default: now)."""
@@ -300,16 +422,10 @@ def train(cfg: Config) -> RunResult:
             epoch, index = plan.position(state.step)
             state.epoch, state.batch_in_epoch = epoch, index
             state.elapsed_s = log.elapsed()
-            save_checkpoint(
-                output_dir / "checkpoints" / f"step-{state.step}",
-                unwrapped,
-                optimizer,
-                scheduler,
-                state,
-                config_tree,
-                rngs,
-            )
+            path = output_dir / "checkpoints" / f"step-{state.step}"
+            save_checkpoint(path, unwrapped, optimizer, scheduler, state, config_tree, rngs)
             prune_checkpoints(output_dir, cfg.train.keep_checkpoints)
+            callbacks.on_save(state.step, path)
         accelerator.wait_for_everyone()
 
     def result(interrupted: bool, trained: TrainedModels | None = None) -> RunResult:
@@ -336,9 +452,9 @@ def train(cfg: Config) -> RunResult:
 
     pad = bundle.tokenizer.pad_token_id
     bar = _progress(total, state.step, cfg.train.progress and accelerator.is_main_process)
-    last_saved = state.step if resume_from is not None else -1
+    last_saved = state.step if s.resumed else -1
     step_start_rng = rng_state()
-    interrupted = False
+    interrupted = stopped = False
     final_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
@@ -379,7 +495,9 @@ def train(cfg: Config) -> RunResult:
                     lr=lr, grad_norm=float(grad_norm), tokens_per_s=float(tokens) / max(elapsed, 1e-9)
                 )
                 metrics["epoch"] = state.step / plan.steps_per_epoch
-                log.write(state.step, metrics)
+                record = log.write(state.step, metrics)
+                if accelerator.is_main_process:
+                    callbacks.on_log(state.step, record)
                 final_metrics = metrics
                 window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
@@ -387,12 +505,14 @@ def train(cfg: Config) -> RunResult:
             if bar is not None:
                 bar.update(1)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total:
-                eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator, cache)
-                if eval_metrics:
-                    log.write(state.step, eval_metrics)
+                eval_metrics = evaluate(session, callbacks)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 checkpoint()
                 last_saved = state.step
+            callbacks.on_step_end(state.step)
+            if callbacks and _stop_requested(accelerator, callbacks.should_stop):
+                stopped = True
+                break
     except KeyboardInterrupt:
         interrupted = True
         if bar is not None:
@@ -405,20 +525,26 @@ def train(cfg: Config) -> RunResult:
         return result(True)
     if bar is not None:
         bar.close()
+    if stopped:  # ends as Ctrl-C does, at a step boundary: checkpoint, no final/
+        if state.step != last_saved:
+            checkpoint()
+        logger.warning(
+            "stopped by a callback at step %d; checkpoint saved; continue with train.resume=auto", state.step
+        )
+        return result(True)
 
     if state.step != last_saved:
         checkpoint()
-    eval_metrics = evaluate_loss(policy, bundle, method, cfg, data.eval, accelerator, cache)
-    if eval_metrics:
-        log.write(state.step, eval_metrics)
+    eval_metrics = evaluate(session, callbacks)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = save_final(bundle, output_dir / "final", merge=cfg.model.merge_final)
-        if unwrapped.extra is not None:
-            save_method_module(unwrapped.extra, cfg.method, final)
+        save_model(session, output_dir / "final")
+        write_model_card(output_dir, config_tree)
+    if accelerator.is_main_process:
+        callbacks.on_save(state.step, output_dir / "final")
     trained = None
     if accelerator.is_main_process:
-        if cfg.eval.generate and bundle.reference is None and not bundle.is_lora:
+        if cfg.eval.generate and bundle.reference is None and not (bundle.is_lora or bundle.reference_loader):
             # trained from a cache: load the reference for the evaluation's KL
             bundle.reference = load_reference(cfg.model, cfg.train.seed, accelerator.device, digest)
         trained = TrainedModels(bundle, data, accelerator.device)

@@ -41,7 +41,7 @@ def cache_run(cfg: Config, force: bool = False) -> tuple[Path, bool]:
         cfg.reference.cache = str(Path(cfg.output_dir) / "reference-cache")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
     device = state.device
-    bundle = load_bundle(cfg.model, cfg.train.seed, device, need_reference=False)
+    bundle = load_bundle(cfg.model, cfg.train.seed, device, need_reference=False, reference=cfg.reference)
     digest = weights_digest(unwrap_causal_lm(bundle.policy))
     with state.main_process_first():  # sampled pairs (imdb) are made once, by the main process
         data = prepare_method_data(cfg, method, bundle, state.is_main_process)
