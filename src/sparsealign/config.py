@@ -233,6 +233,11 @@ class TrainConfig:
     resume: str | None = _help(
         "'auto' (newest complete checkpoint in output_dir), a checkpoint folder, or null.", default=None
     )
+    overwrite: bool = _help(
+        "Start afresh in an output_dir that holds another run's checkpoints or metrics: the old run is moved "
+        "aside to a sibling folder '<output_dir>.old-<UTC time>' (nothing is deleted).",
+        default=False,
+    )
     tracker: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = _help(
         "Experiment tracker through accelerate, besides metrics.jsonl; its package comes with the extra of "
         "the same name: pip install 'sparsealign[tensorboard]' (or wandb, mlflow, trackio).",

@@ -17,6 +17,7 @@ __all__ = [
     "MethodError",
     "ModelError",
     "RewardError",
+    "RunFolderError",
     "SAEError",
     "TrainingError",
     "UserError",
@@ -73,3 +74,8 @@ class TrainingError(UserError, RuntimeError):
 
 class PluginError(UserError, ValueError):
     """A user's ``path/to/file.py:name`` or ``package.module:name`` that cannot be imported or found."""
+
+
+class RunFolderError(UserError, RuntimeError):
+    """A run folder that cannot be used: not a folder, held by another run, or holding another run's
+    results (``train.overwrite=true`` or ``train.resume=auto`` says what to do with them)."""

@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import difflib
 import importlib.util
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from sparsealign.config import LoraConfig, ModelConfig, ReferenceConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModelBundle",
@@ -135,6 +138,11 @@ def _from_pretrained(
         kwargs.update(revision=revision, local_files_only=offline)
     else:
         offline = False
+    if cfg.trust_remote_code:
+        logger.warning(
+            f"model.trust_remote_code=true: the Python code shipped with '{source}' will run on this machine "
+            f"when the {what} loads; use it only with repositories you trust."
+        )
     try:
         return loader.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except Exception as error:

@@ -37,6 +37,7 @@ RESUMABLE_DIFFERENCES = {
     "train.eval_every",
     "train.keep_checkpoints",
     "train.resume",
+    "train.overwrite",
     "train.progress",
     "train.tracker",
     "eval.generate",
@@ -65,7 +66,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states as tuples, ints, floats and tensors only, so that the
+    ``rng-<rank>.pt`` files load with ``torch.load(weights_only=True)`` (no pickled numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -73,7 +78,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -158,6 +164,18 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def _load_tensors(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, never pickled code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a file that holds other objects is refused, not unpickled
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} cannot be read safely (torch.load with weights_only=True: {detail}); it may come from an "
+            "older sparsealign. Start afresh with train.resume=null in another output_dir."
+        ) from error
+
+
 def load_checkpoint(
     folder: Path,
     model: nn.Module,
@@ -189,11 +207,11 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
     rng_file = folder / f"rng-{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_load_tensors(rng_file))
     return TrainState(
         payload["step"], payload["epoch"], payload["batch_in_epoch"], payload.get("elapsed_s", 0.0)
     )

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,7 +32,7 @@ from sparsealign.config import Config, dump_config, to_dict
 from sparsealign.data.collate import collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.data.prepare import PreparedData
-from sparsealign.errors import TrainingError
+from sparsealign.errors import RunFolderError, TrainingError
 from sparsealign.methods import Method, Need, get_method, method_options, save_method_module
 from sparsealign.models.digest import weights_digest
 from sparsealign.models.loading import (
@@ -56,7 +57,9 @@ from sparsealign.train.checkpoint import (
     truncate_metrics,
 )
 from sparsealign.train.model_card import write_model_card
+from sparsealign.train.run_folder import RunLock, check_output_dir, claim_run_folder
 from sparsealign.train.schedule import build_scheduler
+from sparsealign.train.signals import StopOnSignal
 from sparsealign.train.step import (
     build_optimizer,
     clip_gradients,
@@ -246,6 +249,7 @@ class Session:
     config_tree: dict[str, Any]
     digest: str | None
     resumed: bool
+    lock: RunLock | None = None  # the run folder's lock (main process), released when :func:`run` ends
 
     @property
     def output_dir(self) -> Path:
@@ -279,33 +283,56 @@ def _stop_requested(accelerator: Accelerator, wanted: bool) -> bool:
     return bool(votes.item() > 0)
 
 
+def _claim(cfg: Config, accelerator: Accelerator) -> RunLock | None:
+    """The main process creates and locks the run folder (:mod:`sparsealign.train.run_folder`); when it
+    refuses, the other processes exit quietly (status 2) so that the reason is shown once."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = claim_run_folder(Path(cfg.output_dir), cfg.train.resume, cfg.train.overwrite)
+        except RunFolderError as error:
+            refused = error
+    if _stop_requested(accelerator, refused is not None):
+        if refused is not None:
+            raise refused
+        raise SystemExit(2)
+    return lock
+
+
 def build(cfg: Config) -> Session:
-    """Everything before the first step: accelerator, models, data, method module, SAE probe, reference
-    cache, optimizer, schedule, resumption and the metrics log."""
+    """Everything before the first step: the run folder's lock, accelerator, models, data, method module,
+    SAE probe, reference cache, optimizer, schedule, resumption and the metrics log."""
     started = time.perf_counter()
     require_tracker(cfg.train.tracker)  # before any expensive work: accelerate would only warn
     output_dir = Path(cfg.output_dir)
+    check_output_dir(output_dir)
     tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum, log_with=tracker, project_dir=str(output_dir)
     )
+    lock = _claim(cfg, accelerator)
+    try:
+        session = _build(cfg, accelerator, tracker, started)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    session.lock = lock
+    if lock is not None:  # a session that is never run (a Trainer only evaluated) frees the folder too
+        weakref.finalize(session, lock.release)
+    return session
+
+
+def _build(cfg: Config, accelerator: Accelerator, tracker: str | None, started: float) -> Session:
+    """:func:`build` once the run folder is this run's."""
+    output_dir = Path(cfg.output_dir)
     set_seed(cfg.train.seed)
     method = get_method(cfg.method.name)
     cfg.method = method_options(cfg.method)
     config_tree = to_dict(cfg)
 
     resume_from = resolve_resume(output_dir, cfg.train.resume)
-    if (
-        resume_from is None
-        and cfg.train.resume is None
-        and list_checkpoints(output_dir)
-        and accelerator.is_main_process
-    ):
-        logger.warning(
-            "%s already holds checkpoints; starting afresh (train.resume=auto would continue).", output_dir
-        )
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "config.yaml")
 
     cached = cfg.reference.cache is not None
@@ -391,8 +418,21 @@ def build(cfg: Config) -> Session:
 
 def run(session: Session, callbacks: Callbacks | None = None) -> RunResult:
     """Step a built session to the end (``train.max_steps`` or ``train.epochs``), logging, evaluating and
-    checkpointing on their schedules and calling ``callbacks``; then evaluate and save ``final/``."""
-    callbacks = callbacks if callbacks is not None else Callbacks()
+    checkpointing on their schedules and calling ``callbacks``; then evaluate and save ``final/``.
+
+    SIGTERM and SIGINT (Ctrl-C) save a checkpoint and return an interrupted result; a second signal ends
+    the process at once (:mod:`sparsealign.train.signals`). The run folder's lock is released at the end,
+    on errors too."""
+    try:
+        with StopOnSignal() as stop:
+            return _run(session, callbacks if callbacks is not None else Callbacks(), stop)
+    finally:
+        if session.lock is not None:
+            session.lock.release()
+
+
+def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResult:
+    """:func:`run` with the signal handlers in place."""
     s = session
     cfg, accelerator, method, bundle, data, plan, total = (
         s.cfg,
@@ -519,8 +559,9 @@ def run(session: Session, callbacks: Callbacks | None = None) -> RunResult:
             bar.close()
         if state.step > 0 and state.step != last_saved:
             checkpoint(step_start_rng)
+        how = f" by {stop.received}" if stop.received else ""
         logger.warning(
-            "interrupted at step %d; checkpoint saved; continue with train.resume=auto", state.step
+            "interrupted%s at step %d; checkpoint saved; continue with train.resume=auto", how, state.step
         )
         return result(True)
     if bar is not None:

@@ -80,7 +80,7 @@ def load(
     if "embedding" in file.parts:
         raise SAEError(f"{file}: Gemma Scope embedding SAEs are not supported (only layer SAEs)")
     try:
-        with np.load(file) as data:
+        with np.load(file, allow_pickle=False) as data:
             arrays = {key: np.asarray(data[key]) for key in data.files}
     except Exception as error:  # noqa: BLE001 - any parse failure is a bad file
         raise SAEError(f"cannot read {file} as a numpy .npz archive: {error}") from error
