@@ -329,3 +329,36 @@ def test_a_kto_cache_serves_dpo_and_a_dpo_cache_is_refused_for_kto(tmp_path, mon
     train(smoke(tmp_path / "c", "method.name=dpo", f"reference.cache={kto_cache}"))  # serves DPO
     with pytest.raises(CacheError, match="mismatched responses, for KTO"):
         train(smoke(tmp_path / "d", f"reference.cache={dpo_cache}", "reference.build_missing=false"))
+
+
+@pytest.mark.parametrize("zero", [0.0, 0, torch.tensor(0.0)])
+def test_kto_zero_by_hand(zero):
+    """KTO-zero (HALOs' KTOZero) is KTO with z₀ fixed at 0, no mismatched forward. β = 0.5, z₀ = 0 (as a float, an int or a tensor):
+
+    desirable:   1 − σ(0.5 · 0.5) = 1 − σ(0.25);     1 − σ(0.5 · 1.0) = 1 − σ(0.5)
+    undesirable: 1 − σ(0.5 · 0.5) = 1 − σ(0.25);     1 − σ(0.5 · 1.0) = 1 − σ(0.5)
+    per pair: the mean of its two items, so [1 − σ(0.25), 1 − σ(0.5)]; the ``kl`` metric is 0.
+    """
+    out = kto_loss(**hand_batch(), reference_point=zero, beta=0.5)
+    expected = t([1 - sigmoid(0.25), 1 - sigmoid(0.5)])
+    assert_close(out.per_example, expected)
+    assert_close(out.loss, expected.mean())
+    assert_close(out.metrics["kl"], torch.tensor(0.0))
+    assert_close(out.metrics["rewards/chosen"], torch.tensor(0.5 * 0.75))
+
+
+def test_kto_zero_gradients_by_hand():
+    """d/dπ of (1 − σ(β r)) / 2 / B at every chosen token is −β σ'(β r) / (2B), σ' = σ (1 − σ);
+    for the rejected side, (1 − σ(−β r)) gives +β σ'(β r) / (2B). β = 0.5, B = 2."""
+    b = {k: v.clone() for k, v in hand_batch().items()}
+    b["policy_chosen_logps"].requires_grad_(True)
+    b["policy_rejected_logps"].requires_grad_(True)
+    kto_loss(**b, reference_point=0.0, beta=0.5).loss.backward()
+
+    def slope(x: float) -> float:
+        return sigmoid(x) * (1 - sigmoid(x))
+
+    chosen = [-0.5 * slope(0.5 * r) / 4 for r in (0.5, 1.0)]
+    rejected = [0.5 * slope(-0.5 * r) / 4 for r in (-0.5, -1.0)]
+    assert_close(b["policy_chosen_logps"].grad, t(chosen)[:, None] * b["mask_chosen"].float())
+    assert_close(b["policy_rejected_logps"].grad, t(rejected)[:, None] * b["mask_rejected"].float())

@@ -569,7 +569,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' is a section ({tp.__name__}); give a mapping, not {value!r}.")
-        return _build(tp, value, key)
+        return build_section(tp, value, key)
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"'{key}': expected a list, got {value!r}.")
@@ -601,9 +601,6 @@ def build_section(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"Unknown config key '{full}'.{_suggest(str(key), names, prefix)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
-
-
-_build = build_section
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -128,14 +128,14 @@ def mismatched_outputs(policy: torch.nn.Module, inputs: StepInputs) -> tuple[Tok
         return _token_model(policy)(rows, run_extra=False), reference
 
 
-AFTER_POLICY: dict[Need, Callable[[torch.nn.Module, StepInputs, StepOutputs], None]] = {
-    Need.MISMATCHED: lambda policy, inputs, out: _fill_mismatched(policy, inputs, out),
-}
-"""Providers that run after the policy forward, by need."""
-
-
 def _fill_mismatched(policy: torch.nn.Module, inputs: StepInputs, out: StepOutputs) -> None:
     out.mismatched_policy, out.mismatched_reference = mismatched_outputs(policy, inputs)
+
+
+AFTER_POLICY: dict[Need, Callable[[torch.nn.Module, StepInputs, StepOutputs], None]] = {
+    Need.MISMATCHED: _fill_mismatched,
+}
+"""Providers that run after the policy forward, by need."""
 
 
 def step_outputs(policy: torch.nn.Module, inputs: StepInputs) -> StepOutputs:
