@@ -65,7 +65,7 @@ def test_cross_field_checks():
         load_config(None, ["method.name=cdpo"])
     assert load_config(None, ["method.name=cdpo", "method.label_smoothing=0.1"]).method.label_smoothing == 0.1
     with pytest.raises(ConfigError, match="only one of"):
-        load_config(None, ["data.path=a.jsonl", "data.source=imdb"])
+        load_config(None, ["data.path=a.jsonl", "data.dataset=x"])
 
 
 def test_required_keys_exist():
@@ -150,5 +150,7 @@ def test_fpo_ultrafeedback_recipes_carry_the_paper_settings(size, layer, l0, per
     assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.schedule) == (5e-7, 150, "constant")
     assert cfg.train.batch_size * cfg.train.grad_accum * 4 == 32 and cfg.train.epochs == 1
     assert cfg.train.batch_size * cfg.train.grad_accum == per_process
-    assert cfg.data.dataset == "HuggingFaceH4/ultrafeedback_binarized" and cfg.data.split == "train_prefs"
+    assert cfg.data.source == "ultrafeedback"
+    # rendered and truncated as HALOs did (the FPO runs): <|user|>/<|assistant|> turns, keep_start
+    assert (cfg.data.chat_template, cfg.data.truncation) == ("halos", "keep_start")
     assert cfg.reference.cache is not None

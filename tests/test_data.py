@@ -158,11 +158,12 @@ def test_missing_mapped_column_names_the_mapping() -> None:
     assert "mapped from column 'better'" in skip.detail and "good" in skip.detail
 
 
-def test_implicit_prompt_strings_use_exact_common_prefix() -> None:
-    assert extract_prompt("The movie was great", "The movie was bad") == ("The movie was ", "great", "bad")
+def test_implicit_prompt_strings_use_the_common_prefix() -> None:
+    # the space at the split point goes to the responses (TRL's rule)
+    assert extract_prompt("The movie was great", "The movie was bad") == ("The movie was", " great", " bad")
     assert extract_prompt("abcdef", "abcxyz") == ("abc", "def", "xyz")
     example = parse_row({"chosen": "I liked it", "rejected": "I hated it"}, origin="f.jsonl:1")
-    assert (example.prompt, example.chosen, example.rejected) == ("I ", "liked it", "hated it")
+    assert (example.prompt, example.chosen, example.rejected) == ("I", " liked it", " hated it")
     assert example.origin == "f.jsonl:1"
 
 

@@ -207,3 +207,26 @@ def test_trust_remote_code_is_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sparsealign.models.loading"):
         load_tokenizer(ModelConfig(name=str(tmp_path), trust_remote_code=True))
     assert "model.trust_remote_code=true" in caplog.text and str(tmp_path) in caplog.text
+
+
+def test_a_pickled_bin_checkpoint_is_refused(tmp_path) -> None:
+    """Weights load from safetensors only: a folder holding only pytorch_model.bin is a clear ModelError."""
+    import torch
+
+    from sparsealign.config import ModelConfig
+    from sparsealign.errors import ModelError
+    from sparsealign.models.builtins import build_tiny_llama
+    from sparsealign.models.loading import load_model
+
+    model, tokenizer = build_tiny_llama(0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    for file in tmp_path.glob("*.safetensors"):  # the same weights as a pickled checkpoint
+        file.unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert (tmp_path / "pytorch_model.bin").is_file() and not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ModelError, match="safetensors only"):
+        load_model(ModelConfig(name=str(tmp_path)))
+    model.save_pretrained(tmp_path)  # now with model.safetensors: loads, same weights
+    loaded, _ = load_model(ModelConfig(name=str(tmp_path)))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -88,9 +88,11 @@ def test_boundary_merge_falls_back_to_separate_response(bpe_tokenizer) -> None:
 
 def test_implicit_prompt_through_tokenisation(bpe_tokenizer) -> None:
     example = parse_row({"chosen": "the movie was great", "rejected": "the movie was terrible"})
-    assert example.prompt == "the movie was "
-    pair = tokenize_pair(example, bpe_tokenizer, cfg())
-    assert pair.prompt_ids == bpe_tokenizer("the movie was ")["input_ids"]
+    assert (example.prompt, example.chosen) == ("the movie was", " great")  # the space starts the response
+    stats: Counter[str] = Counter()
+    pair = tokenize_pair(example, bpe_tokenizer, cfg(), stats=stats)
+    assert pair.prompt_ids == bpe_tokenizer("the movie was")["input_ids"]
+    assert stats["boundary_fallback"] == 0
     assert pair.chosen_ids[-1] == EOS and pair.rejected_ids[-1] == EOS
 
 
@@ -115,10 +117,10 @@ def test_prompt_truncation_keep_start(tiny_tokenizer) -> None:
 
 
 def test_truncate_prompt_helper() -> None:
-    assert truncate_prompt([1, 10, 11, 12, 13], 3, "keep_end", bos_id=1) == [1, 12, 13]
-    assert truncate_prompt([10, 11, 12, 13], 3, "keep_end", bos_id=1) == [11, 12, 13]
-    assert truncate_prompt([1, 10, 11, 12, 13], 3, "keep_start", bos_id=1) == [1, 10, 11]
-    assert truncate_prompt([1, 10], 3, "keep_end", bos_id=1) == [1, 10]
+    assert truncate_prompt([1, 10, 11, 12, 13], 3, "keep_end", head=(1,)) == [1, 12, 13]
+    assert truncate_prompt([10, 11, 12, 13], 3, "keep_end", head=(1,)) == [11, 12, 13]
+    assert truncate_prompt([1, 10, 11, 12, 13], 3, "keep_start", head=(1,)) == [1, 10, 11]
+    assert truncate_prompt([1, 10], 3, "keep_end", head=(1,)) == [1, 10]
 
 
 def test_response_truncated_to_max_length(tiny_tokenizer) -> None:

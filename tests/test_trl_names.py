@@ -32,7 +32,9 @@ SIMPLE = [
     ("report_to", "tensorboard", "train.tracker", "tensorboard"),
     ("report_to", "[wandb, tensorboard]", "train.tracker", "wandb"),
     ("report_to", "none", "train.tracker", "none"),
-    ("bf16", "false", "model.dtype", "float32"),
+    ("bf16", "false", "train.precision", "fp32"),
+    ("bf16", "true", "train.precision", "bf16-mixed"),
+    ("overwrite_output_dir", "true", "train.overwrite", True),
 ]
 
 
@@ -110,7 +112,7 @@ def test_loss_type_chooses_the_method(tmp_path, caplog):
         ("loss_type=exo_pair", "loss_type='exo_pair' is not implemented here"),
         ("max_completion_length=128", "data.max_prompt_length=P data.max_length=P+C"),
         ("data.max_completion_length=128", "data.max_length caps prompt + response"),
-        ("bf16=true", "model.dtype sets the weights' dtype"),
+        ("bf16=maybe", "must be true or false"),
         ("lr_scheduler_type=polynomial", "train.schedule is one of constant, linear, cosine"),
         ("report_to=comet_ml", "train.tracker is one of"),
         ("logging_steps=0.1", "train.log_every counts optimizer steps"),

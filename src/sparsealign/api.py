@@ -5,24 +5,53 @@
     result = train(load_config("smoke", ["train.max_steps=2"]), callbacks=[my_callback])
 
 :func:`train` runs the training loop (``sparsealign.train.loop``) and then, when ``eval.generate`` is set and
-there are held-out prompts, samples the reference and the trained policy and reports reward and KL
-(``sparsealign.eval.report``), as ``sparsealign train`` does. :class:`Trainer` does the same in steps: build
+there are held-out prompts, samples the reference and the trained policy and reports KL, lengths and the
+reward (``sparsealign.eval.report``), and writes the run's HTML page ``report/index.html``
+(``sparsealign.eval.run_report``), as ``sparsealign train`` does. :class:`Trainer` does the same in steps: build
 once, then ``train()``, ``evaluate()`` and ``save()``. Callbacks: :mod:`sparsealign.train.callbacks`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from sparsealign.config import Config
+from sparsealign.config import Config, RewardConfig
 from sparsealign.eval.report import evaluate_generations
+from sparsealign.eval.run_report import write_run_report
 from sparsealign.recipes.load import load_config
 from sparsealign.train.callbacks import Callback, Callbacks
 from sparsealign.train.loop import RunResult, Session, build, evaluate, run, save_model
 from sparsealign.train.model_card import write_model_card
 
 __all__ = ["Callback", "RunResult", "Trainer", "load_config", "train"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_REWARD = next(f.default for f in dataclasses.fields(RewardConfig) if f.name == "name")
+
+
+def report_reward(config: Config, reward: object) -> object | None:
+    """The reward the generation report scores with, or None: a named source's (it built its pairs with it),
+    else only a ``reward.name`` other than the schema's default, which is the IMDB source's classifier and
+    says nothing about a user's data."""
+    name = config.reward.name
+    if not name or (config.data.source is None and name == _DEFAULT_REWARD):
+        return None
+    return reward
+
+
+def _no_held_out_prompts(config: Config) -> str:
+    d = config.data
+    if d.dataset is not None:
+        how = "set data.eval_split to a held-out split of the dataset, or data.eval_fraction > 0"
+    elif d.path is not None:
+        how = "set data.eval_fraction > 0 (a fraction of the file's pairs is held out)"
+    else:
+        how = "the data source returned none; give it eval_prompts"
+    return f"eval.generate=true but there are no held-out prompts, so no generation report: {how}."
 
 
 class Trainer:
@@ -51,16 +80,29 @@ class Trainer:
         result = run(self.session, self.callbacks)
         trained = result.trained
         cfg = self.config
-        if cfg.eval.generate and trained is not None and trained.data.eval_prompts and not result.interrupted:
-            result.report = evaluate_generations(
-                trained.bundle,
-                trained.data.reward,
-                trained.data.eval_prompts,
-                cfg.eval,
-                cfg.train.seed,
-                result.output_dir,
-            )
-            write_model_card(result.output_dir)  # again, now with the report's reward and KL
+        if cfg.eval.generate and trained is not None and not result.interrupted:
+            if trained.data.eval_prompts:
+                result.report = evaluate_generations(
+                    trained.bundle,
+                    report_reward(cfg, trained.data.reward),
+                    trained.data.eval_prompts,
+                    cfg.eval,
+                    cfg.train.seed,
+                    result.output_dir,
+                )
+                write_model_card(result.output_dir)  # again, now with the report's reward and KL
+            else:
+                logger.warning(_no_held_out_prompts(cfg))
+        if self.session.accelerator.is_main_process and not result.interrupted:
+            try:
+                result.written["report"] = write_run_report(result.output_dir)
+                logger.info("run report: %s", result.written["report"])
+            except Exception as error:  # the run is done and saved; a page that fails must not undo that
+                logger.warning(
+                    "Could not write the run report (%s); write it with: sparsealign report %s",
+                    error,
+                    result.output_dir,
+                )
         self.result = result
         return result
 

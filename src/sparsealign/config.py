@@ -59,7 +59,11 @@ class ModelConfig:
         "Hub revision (branch, tag or commit) when `name` is a hub id.", default=None
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
-        "Parameter dtype; 'auto' is float32 on CPU and bfloat16 on GPU.", default="auto"
+        "Storage dtype of the loaded weights. 'auto': for inference bfloat16 on GPU and float32 on CPU; for "
+        "training what train.precision needs (float32 master weights in fp32 and the mixed modes). An explicit "
+        "half dtype stores the frozen weights (reference, LoRA base) in it; trained weights stay float32 "
+        "unless train.precision=bf16-pure.",
+        default="auto",
     )
     trust_remote_code: bool = _help("Allow model code from the hub repository to run.", default=False)
     lora: LoraConfig | None = _help("LoRA adapter settings; null trains all weights.", default=None)
@@ -91,7 +95,15 @@ class DataConfig:
     dataset: str | None = _help(
         "A Hugging Face datasets name or a folder written by `Dataset.save_to_disk`.", default=None
     )
-    source: str | None = _help("A named source from the registry (e.g. 'imdb').", default=None)
+    source: str | None = _help(
+        "A named source from the registry (e.g. 'imdb', 'hh', 'mix'); public sources read their local copy from "
+        "data.path (docs/data.md).",
+        default=None,
+    )
+    mix: list[dict[str, Any]] = _help(
+        "With data.source=mix: entries {source: NAME, path: FILE, weight: W, split: S, eval_split: E}.",
+        default_factory=list,
+    )
     split: str = _help("Split to train on (for `dataset`).", default="train")
     eval_split: str | None = _help(
         "Split to evaluate on (for `dataset`); else `eval_fraction` is held out.", default=None
@@ -103,8 +115,22 @@ class DataConfig:
         "Column mapping, e.g. {prompt: question, chosen: good, rejected: bad}.", default_factory=dict
     )
     chat_template: str | None = _help(
-        "Jinja chat template (or a path to one) for conversational rows; default: the tokenizer's.",
+        "Jinja chat template, a path to one, or a built-in name ('halos': HALOs' <|user|>/<|assistant|> "
+        "format) for conversational rows; default: the tokenizer's.",
         default=None,
+    )
+    sft_turns: Literal["all", "last"] = _help(
+        "Rows with only 'messages' (SFT): train on every assistant turn or on the last one.", default="all"
+    )
+    flatten_pairs: bool = _help(
+        "Turn each preference pair into two binary-feedback items (chosen: desirable, rejected: undesirable), "
+        "as TRL's unpair_preference_dataset, for method.name=kto.",
+        default=False,
+    )
+    add_bos: Literal["auto"] | bool = _help(
+        "BOS in front of every prompt: 'auto' as the tokenizer does, true always (the SparsePO GPT-2 "
+        "recipes, as the original TRL pipeline prepended <|endoftext|>), false never.",
+        default="auto",
     )
     max_length: int = _help("Longest prompt+response in tokens; longer responses are truncated.", default=512)
     max_prompt_length: int = _help("Longest prompt in tokens; longer prompts are truncated.", default=256)
@@ -238,6 +264,11 @@ class TrainConfig:
         "aside to a sibling folder '<output_dir>.old-<UTC time>' (nothing is deleted).",
         default=False,
     )
+    max_bad_steps: int = _help(
+        "A step whose loss or gradient norm is not finite is skipped (no optimizer update) and counted; after "
+        "this many consecutive skipped steps the run stops with a checkpoint of the last good weights.",
+        default=3,
+    )
     tracker: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = _help(
         "Experiment tracker through accelerate, besides metrics.jsonl; its package comes with the extra of "
         "the same name: pip install 'sparsealign[tensorboard]' (or wandb, mlflow, trackio).",
@@ -250,6 +281,14 @@ class TrainConfig:
         "Recompute each decoder block's activations in the backward pass instead of keeping them "
         "(much less activation memory, about a third more step time).",
         default=False,
+    )
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] = _help(
+        "Numeric precision of training. fp32: everything float32. bf16-mixed / fp16-mixed: float32 master "
+        "weights and optimizer state, bfloat16 / float16 autocast forward (fp16 with loss scaling; CUDA only), "
+        "log-probs, KL and losses in float32. bf16-pure: bfloat16 weights, which lose updates smaller than "
+        "|w|/512 (most of them at small learning rates); only on request. auto: bf16-mixed on a CUDA GPU with "
+        "bfloat16 support (or with a half model.dtype), fp32 elsewhere. config.yaml records the resolved value.",
+        default="auto",
     )
     progress: bool = _help("Show a progress bar.", default=True)
 
@@ -321,15 +360,11 @@ def _tracker(value: Any) -> str:
 
 
 def _bf16(value: Any) -> str:
-    """``bf16``: transformers' bf16=true is mixed precision (float32 weights, bfloat16 compute), which this
-    trainer does not have, so it is refused; bf16=false (full precision) is model.dtype=float32."""
-    if value is False:
-        return "float32"
-    raise ConfigError(
-        f"TRL's bf16={value!r} turns on bfloat16 mixed precision (float32 weights, bfloat16 compute), which "
-        "sparsealign does not have: model.dtype sets the weights' dtype ('auto': bfloat16 on GPU, float32 on "
-        "CPU; model.dtype=bfloat16 trains in bfloat16, model.dtype=float32 in full precision)."
-    )
+    """``bf16``: transformers' bf16=true is bfloat16 mixed precision (float32 weights, bfloat16 autocast),
+    our ``train.precision=bf16-mixed``; bf16=false is full precision, ``train.precision=fp32``."""
+    if isinstance(value, bool):
+        return "bf16-mixed" if value else "fp32"
+    raise ConfigError(f"TRL's bf16={value!r} must be true or false (train.precision=bf16-mixed or fp32).")
 
 
 def _steps(name: str, ours: str) -> Callable[[Any], Any]:
@@ -393,7 +428,8 @@ TRL_NAMES: dict[str, TrlName] = {
         "train.schedule", _schedule, "linear, cosine, constant (and constant_with_warmup: constant)"
     ),
     "report_to": TrlName("train.tracker", _tracker, "a list uses its first entry"),
-    "bf16": TrlName("model.dtype", _bf16, "false: float32; true (mixed precision) is refused"),
+    "bf16": TrlName("train.precision", _bf16, "true: bf16-mixed; false: fp32"),
+    "overwrite_output_dir": TrlName("train.overwrite", note="true: a used run folder is moved aside"),
     "max_completion_length": TrlName(
         "data.max_length", _no_completion_cap, "refused: data.max_length caps prompt + response"
     ),
@@ -703,6 +739,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "'train.max_steps', 'train.save_every', 'train.eval_every' must be >= 0 and 'train.log_every' >= 1."
         )
+    if t.max_bad_steps < 1 or (t.keep_checkpoints is not None and t.keep_checkpoints < 1):
+        raise ConfigError("'train.max_bad_steps' and 'train.keep_checkpoints' must be at least 1.")
     if t.warmup_steps and t.warmup_ratio:
         raise ConfigError("Give 'train.warmup_steps' or 'train.warmup_ratio', not both.")
     if not 0.0 <= t.warmup_ratio < 1.0:
@@ -715,8 +753,13 @@ def validate(config: Config) -> None:
     d = config.data
     if d.max_prompt_length >= d.max_length:
         raise ConfigError("'data.max_prompt_length' must be smaller than 'data.max_length'.")
-    if sum(x is not None for x in (d.path, d.dataset, d.source)) > 1:
-        raise ConfigError("Give only one of 'data.path', 'data.dataset' and 'data.source'.")
+    if d.dataset is not None and (d.path is not None or d.source is not None):
+        raise ConfigError(
+            "Give only one of 'data.path', 'data.dataset' and 'data.source' (a named source reads its local copy "
+            "from 'data.path')."
+        )
+    if d.mix and d.source != "mix":
+        raise ConfigError("'data.mix' is read only with data.source=mix.")
     if config.pairs.samples_per_prompt < 2:
         raise ConfigError("'pairs.samples_per_prompt' must be at least 2.")
 

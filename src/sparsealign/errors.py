@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "JudgeError",
     "MethodError",
     "ModelError",
     "RewardError",
@@ -54,6 +55,11 @@ class ModelError(UserError, RuntimeError):
 
 class SAEError(UserError):
     """A pretrained SAE cannot be found or loaded (missing file or key, wrong shape, unsupported option)."""
+
+
+class JudgeError(UserError, RuntimeError):
+    """A judge server (``sparsealign judge``) that cannot be reached, refuses the key or the model, or keeps
+    failing after its retries; judgments already answered stay cached."""
 
 
 class RewardError(UserError, RuntimeError):

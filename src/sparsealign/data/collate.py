@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from sparsealign.data.examples import TokenizedPair
+from sparsealign.errors import DataError
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Batch:
     ``response_ids``, ``response_mask``: ``[N, T]``, the target tokens and which of them are real.
     For preference pairs, rows ``[0, B)`` are the chosen responses and rows ``[B, 2B)`` the rejected ones
     (one concatenated forward), with ``num_pairs = B``; for unpaired data ``num_pairs = 0``.
+    ``labels``: binary feedback (bool ``[B]``, desirable or not) of a batch of labelled items, whose rows are
+    the chosen rows alone; None for preference pairs.
     """
 
     input_ids: torch.Tensor
@@ -34,6 +37,7 @@ class Batch:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     num_pairs: int = 0
+    labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -91,28 +95,53 @@ def collate_sequences(
     )
 
 
+def pair_labels(pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
+    """The labels of binary-feedback items as a bool ``[B]`` tensor; None for preference pairs. A batch that
+    mixes the two raises :class:`DataError`."""
+    labelled = [p.label is not None for p in pairs]
+    if not any(labelled):
+        return None
+    if not all(labelled):
+        pair = pairs[labelled.index(False)]
+        item = pairs[labelled.index(True)]
+        raise DataError(
+            f"A batch mixes binary feedback (labelled items, e.g. {item.origin or 'unnamed'}) with preference "
+            f"pairs (e.g. {pair.origin or 'unnamed'}); train on one kind, or set data.flatten_pairs=true to "
+            "turn the pairs into labelled items."
+        )
+    return torch.tensor([bool(p.label) for p in pairs], dtype=torch.bool)
+
+
 def collate_pairs(
     pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right", chosen_only: bool = False
 ) -> Batch:
     """Concatenate chosen rows then rejected rows into one batch (one forward for both).
 
-    ``chosen_only`` keeps the chosen rows alone, for methods that train on them only (SFT).
+    ``chosen_only`` keeps the chosen rows alone, for methods that train on them only (SFT). Binary-feedback
+    items (pairs with a ``label``) always give their chosen row (the completion) alone, and their labels
+    as ``Batch.labels``.
     """
+    labels = pair_labels(pairs)
     prompts = [p.prompt_ids for p in pairs]
     responses = [p.chosen_ids for p in pairs]
-    if not chosen_only:
+    if not chosen_only and labels is None:
         prompts, responses = prompts * 2, responses + [p.rejected_ids for p in pairs]
-    return collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))
+    batch = collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))
+    batch.labels = labels
+    return batch
 
 
 def collate_mismatched(pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
     """KTO's reference-point rows, laid out as :func:`collate_pairs` lays out the pairs: rows ``[0, B)``
     continue each pair's prompt with the mismatched response of its chosen row, rows ``[B, 2B)`` with the
-    one of its rejected row (``mismatched_ids``); ``num_pairs = B``."""
+    one of its rejected row (``mismatched_ids``); ``num_pairs = B``. Binary-feedback items (as in
+    :func:`collate_pairs`) give rows ``[0, B)`` only: each item's one mismatched response."""
     if any(p.mismatched_ids is None for p in pairs):
         raise ValueError(
             "these pairs have no mismatched responses (data.mismatched.with_mismatched_responses)"
         )
     prompts = [p.prompt_ids for p in pairs]
-    responses = [p.mismatched_ids[0] for p in pairs] + [p.mismatched_ids[1] for p in pairs]
-    return collate_sequences(prompts * 2, responses, pad_id, padding_side, num_pairs=len(pairs))
+    responses = [p.mismatched_ids[0] for p in pairs]
+    if pair_labels(pairs) is None:
+        prompts, responses = prompts * 2, responses + [p.mismatched_ids[1] for p in pairs]
+    return collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))

@@ -121,7 +121,12 @@ def _rows_of_json_document(document: Any, path: Path) -> list[Any]:
 
 def _read_json(path: Path) -> RowStream:
     """A JSON document with a list of row objects; a ``.json`` file that is really JSON Lines also works."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"JSON file '{path}' is not UTF-8 text (byte {error.start}: {error.reason})."
+        ) from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:

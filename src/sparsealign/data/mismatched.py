@@ -20,6 +20,11 @@ the rejected responses and the rejected rows onto the chosen ones, and over a sp
 repeats, the 2n mismatched responses are exactly the n chosen and the n rejected responses. A response is
 cut so that prompt + response fit ``max_length`` (at least one token is kept). A split whose pairs all
 share one prompt has no other prompt to borrow from: each item then takes the next item's response.
+
+Binary feedback (labelled items, whose rejected side repeats the completion and is never forwarded) is
+already flat: the split's n items are the n completions, item k takes the completion of the first item
+after k, cyclically, with another prompt (HALOs' item i + 1; its label does not matter), and both entries
+of ``mismatched_ids`` are that one response, so that the reference cache stores it under the same key.
 """
 
 from __future__ import annotations
@@ -49,12 +54,15 @@ def with_mismatched_responses(pairs: Sequence[TokenizedPair], max_length: int) -
     rejected row), chosen by the rule of the module docstring and cut so that the pair's prompt plus the
     response fit ``max_length``."""
     n = len(pairs)
-    prompts = [tuple(p.prompt_ids) for p in pairs] * 2
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    unpaired = n > 0 and all(p.label is not None for p in pairs)
+    copies = 1 if unpaired else 2
+    prompts = [tuple(p.prompt_ids) for p in pairs] * copies
+    responses = [p.chosen_ids for p in pairs] + ([] if unpaired else [p.rejected_ids for p in pairs])
     partner = _next_with_other_key(prompts)
     out = []
     for i, pair in enumerate(pairs):
         room = max(1, max_length - len(pair.prompt_ids))
-        chosen_row, rejected_row = (list(responses[partner[k]][:room]) for k in (i, n + i))
+        rows = (i, i) if unpaired else (i, n + i)
+        chosen_row, rejected_row = (list(responses[partner[k]][:room]) for k in rows)
         out.append(dataclasses.replace(pair, mismatched_ids=(chosen_row, rejected_row)))
     return out

@@ -61,7 +61,25 @@ SourceFn = Callable[[SourceRequest], SourceData]
 
 _REGISTRY: dict[str, SourceFn] = {}
 
-BUILTIN_SOURCE_MODULES: dict[str, str] = {"imdb": "sparsealign.data.imdb"}
+BUILTIN_SOURCE_MODULES: dict[str, str] = {
+    "imdb": "sparsealign.data.imdb",
+    **{
+        name: f"sparsealign.data.public.{module}"
+        for module, names in {
+            "hh": ("hh", "hh-helpful", "hh-harmless"),
+            "shp": ("shp",),
+            "oasst": ("oasst",),
+            "ultrafeedback": ("ultrafeedback",),
+            "ultrachat": ("ultrachat",),
+            "tldr": ("tldr", "tldr-sft"),
+            "imdb_hub": ("imdb-hub",),
+            "mbpp": ("mbpp",),
+            "prompts": ("alpacaeval", "arenahard"),
+            "mix": ("mix",),
+        }.items()
+        for name in names
+    },
+}
 """Source name -> module that registers it on import; imported lazily by :func:`get_source`."""
 
 

@@ -19,8 +19,12 @@ sequence, so that ``prompt_ids + chosen_ids`` is what the model sees for "prompt
   templates usually close the assistant turn with an end-of-turn token; when that token is not the EOS
   token (e.g. ``<|im_end|>`` followed by a newline), EOS is still appended after the rendered turn, so
   generation stops where training ended the response.
+* **BOS.** ``data.add_bos``: ``auto`` frames prompts as the tokenizer does; ``true`` puts its BOS in front
+  of every prompt even when the tokenizer adds none (GPT-2: the original TRL pipeline of the SparsePO
+  recipes prepended ``<|endoftext|>``); ``false`` never adds one.
 * **Truncation.** A prompt longer than ``max_prompt_length`` keeps its last tokens (``keep_end``, with the
-  BOS at position 0 kept) or its first tokens (``keep_start``). Then a response longer than
+  BOS the framing put in front kept; a first token that merely equals the BOS id, like ChatML's
+  ``<|im_start|>`` for SmolLM2, is not kept alone in front of the tail) or its first tokens (``keep_start``). Then a response longer than
   ``max_length - len(prompt)`` keeps its start (and so loses its EOS). A response left with no token is
   dropped as ``too_long``.
 
@@ -38,11 +42,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sparsealign.data.examples import Message, PreferenceExample, TokenizedPair
+from sparsealign.data.examples import Message, PreferenceExample, TokenizedPair, feedback_label
 from sparsealign.errors import DataError
 
 __all__ = [
+    "CHAT_TEMPLATES",
     "DROP_REASONS",
+    "pair_texts",
     "resolve_chat_template",
     "tokenize_examples",
     "tokenize_pair",
@@ -92,7 +98,7 @@ def _detect_frame(tokenizer: Any) -> _Frame:
     return _Frame(prefix=tuple(prefix), bos_text=bos_text, eos_id=int(eos_id))
 
 
-def _frame(tokenizer: Any) -> _Frame:
+def _detected_frame(tokenizer: Any) -> _Frame:
     """The (cached) :class:`_Frame` of ``tokenizer``."""
     try:
         frame = _FRAMES.get(tokenizer)
@@ -102,6 +108,18 @@ def _frame(tokenizer: Any) -> _Frame:
         frame = _detect_frame(tokenizer)
         _FRAMES[tokenizer] = frame
     return frame
+
+
+def _frame(tokenizer: Any, add_bos: str | bool = "auto") -> _Frame:
+    """The framing of prompts under ``data.add_bos`` (see the module docstring)."""
+    frame = _detected_frame(tokenizer)
+    if add_bos == "auto":
+        return frame
+    if add_bos is False:
+        return _Frame(prefix=(), bos_text=None, eos_id=frame.eos_id)
+    if tokenizer.bos_token_id is None:
+        raise DataError("data.add_bos=true, but the tokenizer has no BOS token; use data.add_bos=auto.")
+    return _Frame(prefix=(int(tokenizer.bos_token_id),), bos_text=tokenizer.bos_token, eos_id=frame.eos_id)
 
 
 def _encode(tokenizer: Any, text: str, frame: _Frame) -> list[int]:
@@ -128,14 +146,33 @@ def _response_ids(
 # Chat templates
 
 
+HALOS_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{{ '\\n<|assistant|>\\n' }}"
+    "{% elif m['role'] == 'system' %}{{ '\\n<|system|>\\n' }}"
+    "{% else %}{{ '\\n<|user|>\\n' }}{% endif %}{{ m['content'] }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif %}"
+)
+"""HALOs' conversation format (legacy ``config.yaml``: ``human_prefix "\n<|user|>\n"``, ``assistant_prefix
+"\n<|assistant|>\n"``, empty suffixes), which its UltraFeedback and UltraChat runs (the FPO experiments)
+trained with; the response is followed by EOS as every response here."""
+
+CHAT_TEMPLATES = {"halos": HALOS_TEMPLATE}
+"""Built-in chat templates, by the name ``data.chat_template`` accepts."""
+
+
 @lru_cache(maxsize=8)
 def _read_template(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> str | None:
-    """The template to render conversations with: ``chat_template`` (a Jinja string or a path to a file),
-    else ``None`` meaning the tokenizer's own. Raises :class:`DataError` when there is neither."""
+    """The template to render conversations with: ``chat_template`` (a built-in name from
+    :data:`CHAT_TEMPLATES`, a Jinja string or a path to a file), else ``None`` meaning the tokenizer's own.
+    Raises :class:`DataError` when there is neither."""
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
     if chat_template:
         looks_like_path = chat_template.endswith(_TEMPLATE_SUFFIXES) or (
             "{" not in chat_template and "\n" not in chat_template
@@ -191,23 +228,25 @@ def _render_pair(
 
 
 def truncate_prompt(
-    prompt_ids: list[int], max_prompt_length: int, side: str, bos_id: int | None
+    prompt_ids: list[int], max_prompt_length: int, side: str, head: tuple[int, ...] | list[int] = ()
 ) -> list[int]:
-    """Cut ``prompt_ids`` to ``max_prompt_length``: ``keep_end`` keeps the last tokens (and a BOS at position
-    0), ``keep_start`` keeps the first ones."""
+    """Cut ``prompt_ids`` to ``max_prompt_length``: ``keep_end`` keeps the last tokens, after ``head`` (the
+    tokens the framing put in front, e.g. ``[bos]``) when the prompt starts with it; ``keep_start`` keeps
+    the first ones."""
     if len(prompt_ids) <= max_prompt_length:
         return list(prompt_ids)
     if side == "keep_start":
         return list(prompt_ids[:max_prompt_length])
     if side != "keep_end":
         raise DataError(f"data.truncation must be 'keep_end' or 'keep_start', got '{side}'.")
-    head = prompt_ids[:1] if bos_id is not None and prompt_ids[0] == bos_id else []
+    head = list(head) if head and list(prompt_ids[: len(head)]) == list(head) else []
     tail = max(0, max_prompt_length - len(head))
     return list(head) + (list(prompt_ids[-tail:]) if tail else [])
 
 
-def _texts(example: PreferenceExample, tokenizer: Any, cfg: Any) -> tuple[str, str, str] | str:
-    """Prompt and response texts of a pair, rendering conversations through the chat template."""
+def pair_texts(example: PreferenceExample, tokenizer: Any, cfg: Any) -> tuple[str, str, str] | str:
+    """The prompt and response texts of a pair, as they are tokenised: conversations rendered through the
+    chat template (``data.chat_template``); a drop reason when the template cannot render the pair."""
     if (
         isinstance(example.prompt, str)
         and isinstance(example.chosen, str)
@@ -234,8 +273,8 @@ def tokenize_pair(
     ``eos_appended``.
     """
     events: Counter[str] = Counter()  # merged into `stats` only when the pair is kept
-    frame = _frame(tokenizer)
-    texts = _texts(example, tokenizer, cfg)
+    frame = _frame(tokenizer, cfg.add_bos)
+    texts = pair_texts(example, tokenizer, cfg)
     if isinstance(texts, str):
         return texts
     prompt_text, chosen_text, rejected_text = texts
@@ -252,9 +291,7 @@ def tokenize_pair(
             events["eos_appended"] += 1
         responses.append(ids)
     if len(prompt_ids) > cfg.max_prompt_length:
-        prompt_ids = truncate_prompt(
-            prompt_ids, cfg.max_prompt_length, cfg.truncation, tokenizer.bos_token_id
-        )
+        prompt_ids = truncate_prompt(prompt_ids, cfg.max_prompt_length, cfg.truncation, frame.prefix)
         events["prompt_truncated"] += 1
     budget = cfg.max_length - len(prompt_ids)
     if budget <= 0:
@@ -266,7 +303,11 @@ def tokenize_pair(
     if stats is not None:
         stats.update(events)
     return TokenizedPair(
-        prompt_ids=prompt_ids, chosen_ids=responses[0], rejected_ids=responses[1], origin=example.origin
+        prompt_ids=prompt_ids,
+        chosen_ids=responses[0],
+        rejected_ids=responses[1],
+        origin=example.origin,
+        label=feedback_label(example),  # binary feedback: desirable or not; None for a pair
     )
 
 

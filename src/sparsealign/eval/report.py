@@ -1,7 +1,8 @@
-"""The final generation report: reward and KL to the reference of samples on held-out prompts.
+"""The final generation report: KL to the reference, lengths and (with a reward) reward of samples on
+held-out prompts.
 
 For the reference and for the trained policy, ``samples_per_prompt`` continuations of every held-out
-prompt are sampled and scored by the reward. The policy's sequence KL to the reference is the Monte-Carlo
+prompt are sampled, and scored by the reward when there is one (``reward.name``). The policy's sequence KL to the reference is the Monte-Carlo
 estimate of KL(policy || reference): the mean over its samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``
 over the sampled tokens, with log-probs from the shared :class:`~sparsealign.models.logprobs.TokenModel`
 path. The reference's KL to itself is 0 by definition.
@@ -74,42 +75,51 @@ def sequence_kl(
     return [p - r for p, r in zip(policy_logps, ref_logps, strict=True)]
 
 
-def _stats(rewards: list[float], kls: list[float], lengths: list[int], num_prompts: int) -> dict[str, Any]:
-    n = len(rewards)
-    mean = sum(rewards) / n if n else float("nan")
-    var = sum((r - mean) ** 2 for r in rewards) / (n - 1) if n > 1 else 0.0
-    std = math.sqrt(var)
+def _stats(
+    rewards: list[float] | None, kls: list[float], lengths: list[int], num_prompts: int
+) -> dict[str, Any]:
+    """Means (with sample standard deviation and standard error ``std / sqrt(n)``) of KL and length, and of
+    the reward when there is one (``rewards`` None: no reward keys)."""
+    n = len(kls)
     kl_mean = sum(kls) / n if n else float("nan")
     kl_var = sum((k - kl_mean) ** 2 for k in kls) / (n - 1) if n > 1 else 0.0
-    return {
-        "reward_mean": mean,
-        "reward_std": std,
-        "reward_sem": std / math.sqrt(n) if n else float("nan"),
+    stats: dict[str, Any] = {}
+    if rewards is not None:
+        mean = sum(rewards) / n if n else float("nan")
+        var = sum((r - mean) ** 2 for r in rewards) / (n - 1) if n > 1 else 0.0
+        std = math.sqrt(var)
+        stats = {
+            "reward_mean": mean,
+            "reward_std": std,
+            "reward_sem": std / math.sqrt(n) if n else float("nan"),
+        }
+    stats |= {
         "kl_mean": kl_mean,
         "kl_sem": math.sqrt(kl_var / n) if n else float("nan"),
         "length_mean": sum(lengths) / n if n else float("nan"),
-        "positive_fraction": sum(r > 0 for r in rewards) / n if n else float("nan"),
-        "num_samples": n,
-        "num_prompts": num_prompts,
     }
+    if rewards is not None:
+        stats["positive_fraction"] = sum(r > 0 for r in rewards) / n if n else float("nan")
+    return stats | {"num_samples": n, "num_prompts": num_prompts}
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The reference/policy table printed after training."""
-    lines = [f"{'':14}{'reward (mean ± sem)':>20}{'KL to ref':>12}{'length':>9}{'positive':>10}"]
+    """The reference/policy table printed after training (reward columns only with a reward)."""
+    with_reward = "reward_mean" in summary["reference"]
+    head = f"{'reward (mean ± sem)':>20}" if with_reward else ""
+    lines = [f"{'':14}{head}{'KL to ref':>12}{'length':>9}" + (f"{'positive':>10}" if with_reward else "")]
     for name in ("reference", "policy"):
         s = summary[name]
-        reward = f"{s['reward_mean']:.2f} ± {s['reward_sem']:.2f}"
-        lines.append(
-            f"{name:14}{reward:>20}{s['kl_mean']:>12.2f}{s['length_mean']:>9.1f}{s['positive_fraction']:>10.0%}"
-        )
+        reward = f"{s['reward_mean']:.2f} ± {s['reward_sem']:.2f}" if with_reward else ""
+        tail = f"{s['positive_fraction']:>10.0%}" if with_reward else ""
+        lines.append(f"{name:14}{reward:>{len(head)}}{s['kl_mean']:>12.2f}{s['length_mean']:>9.1f}{tail}")
     return "\n".join(lines)
 
 
 def evaluate_generations(
     bundle: Any,
-    reward: RewardModel,
-    prompts: list[str],
+    reward: RewardModel | None,
+    prompts: Sequence[str | Sequence[int]],
     cfg: Any,
     seed: int,
     output_dir: str | Path,
@@ -117,9 +127,12 @@ def evaluate_generations(
     top_p: float = 1.0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Sample from the reference and the policy on held-out ``prompts``; report reward and KL.
+    """Sample from the reference and the policy on held-out ``prompts``; report KL, lengths and the reward
+    (``reward`` None: no reward columns).
 
-    ``bundle`` has ``.policy``, ``.tokenizer`` and a ``reference_model()`` context manager; ``cfg`` is an
+    A prompt is a text (tokenised with the tokenizer's special tokens, as a source's prompts are) or a list
+    of token ids used as they are (a data file's held-out pairs, exactly as trained; decoded without
+    special tokens for the page and the reward). ``bundle`` has ``.policy``, ``.tokenizer`` and a ``reference_model()`` context manager; ``cfg`` is an
     :class:`~sparsealign.config.EvalConfig` (``samples_per_prompt``, ``max_new_tokens``, ``temperature``).
     Both models are sampled with the same seed. Returns the summary written to ``report/summary.json``.
     """
@@ -128,7 +141,10 @@ def evaluate_generations(
     tokenizer = bundle.tokenizer
     pad = pad_id_for(tokenizer)
     k = cfg.samples_per_prompt
-    prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    prompt_ids = [list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts]
+    prompt_texts_once = [
+        p if isinstance(p, str) else tokenizer.decode(list(p), skip_special_tokens=True) for p in prompts
+    ]
 
     def sample(model: nn.Module, label: str) -> list[list[list[int]]]:
         return sample_continuations(
@@ -154,20 +170,26 @@ def evaluate_generations(
     for name, samples in (("reference", ref_samples), ("policy", policy_samples)):
         flat = [s for per in samples for s in per]
         texts = [decode_continuation(tokenizer, p, s) for p, s in zip(rows_prompt, flat, strict=True)]
-        prompt_texts = [p for p in prompts for _ in range(k)]
-        rewards = [float(x) for x in reward.score([p + t for p, t in zip(prompt_texts, texts, strict=True)])]
+        prompt_texts = [p for p in prompt_texts_once for _ in range(k)]
+        rewards = (
+            [float(x) for x in reward.score([p + t for p, t in zip(prompt_texts, texts, strict=True)])]
+            if reward is not None
+            else None
+        )
         if name == "reference":
             kls = [0.0] * len(flat)
         else:
             kls = sequence_kl(bundle.policy, bundle.reference_model, rows_prompt, flat, pad, batch_size)
         summary[name] = _stats(rewards, kls, [len(s) for s in flat], len(prompts))
-        records.extend(
-            {"prompt": p, "model": name, "text": t, "reward": r, "kl": kl, "length": len(s)}
-            for p, t, r, kl, s in zip(prompt_texts, texts, rewards, kls, flat, strict=True)
-        )
-    summary["reward_delta"] = summary["policy"]["reward_mean"] - summary["reference"]["reward_mean"]
+        for index, (p, t, kl, s) in enumerate(zip(prompt_texts, texts, kls, flat, strict=True)):
+            record = {"prompt": p, "model": name, "text": t}
+            if rewards is not None:
+                record["reward"] = rewards[index]
+            records.append(record | {"kl": kl, "length": len(s)})
+    if reward is not None:
+        summary["reward_delta"] = summary["policy"]["reward_mean"] - summary["reference"]["reward_mean"]
     summary["config"] = {
-        "reward": reward.name,
+        "reward": reward.name if reward is not None else None,
         "num_prompts": len(prompts),
         "samples_per_prompt": k,
         "max_new_tokens": cfg.max_new_tokens,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from sparsealign.losses.base import LossOutput, check_shapes, masked_sum, paired_metrics
 
-__all__ = ["kto_loss", "kto_reference_point"]
+__all__ = ["kto_loss", "kto_reference_point", "kto_unpaired_loss", "kto_weight_ratio"]
 
 
 def kto_reference_point(
@@ -83,3 +83,59 @@ def kto_loss(
     metrics = paired_metrics(beta * chosen_logratio, beta * rejected_logratio, policy_chosen, policy_rejected)
     metrics["kl"] = z0.detach()
     return LossOutput(loss=per_example.mean(), per_example=per_example, metrics=metrics)
+
+
+def kto_unpaired_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    mask: Tensor,
+    desirable: Tensor,
+    reference_point: Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO on binary feedback: N items ``[N, T]``, each a completion labelled desirable or not (``desirable``,
+    a bool ``[N]``), with no pairing (Ethayarajh et al. 2024; TRL's unpaired format, HALOs' binary feedback).
+
+    With each item's summed log-ratio r = Σ_t (π − ref) and the reference point z₀
+    (:func:`kto_reference_point`, from mismatched items),
+
+        desirable:   λ_D · (1 − σ(β (r − z₀))),    undesirable:   λ_U · (1 − σ(β (z₀ − r))),
+
+    and the loss is the mean over the N items. λ_D = ``desirable_weight``, λ_U = ``undesirable_weight``; the
+    paper recommends λ_D n_D / (λ_U n_U) in [1, 4/3] (:func:`kto_weight_ratio` checks a dataset's balance).
+    Metrics: ``rewards/chosen`` and ``rewards/rejected`` (mean β·r of the batch's desirable and undesirable
+    items, 0 when there are none), ``kl`` (z₀), ``count/desirable``.
+    """
+    check_shapes(policy_logps, ref_logps, mask)
+    if desirable.shape != policy_logps.shape[:1] or desirable.dtype != torch.bool:
+        raise ValueError(f"desirable must be a bool tensor of shape [{policy_logps.shape[0]}]")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError("desirable_weight and undesirable_weight must be non-negative")
+    z0 = torch.as_tensor(reference_point, dtype=policy_logps.dtype, device=policy_logps.device)
+    logratio = masked_sum(policy_logps - ref_logps, mask)
+    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0)))
+    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio)))
+    per_example = torch.where(desirable, desirable_losses, undesirable_losses)
+    rewards = (beta * logratio).detach()
+    n_desirable = desirable.sum()
+    n_undesirable = (~desirable).sum()
+    metrics = {
+        "rewards/chosen": (rewards * desirable).sum() / n_desirable.clamp_min(1),
+        "rewards/rejected": (rewards * ~desirable).sum() / n_undesirable.clamp_min(1),
+        "kl": z0.detach(),
+        "count/desirable": n_desirable.to(policy_logps.dtype),
+    }
+    return LossOutput(loss=per_example.mean(), per_example=per_example, metrics=metrics)
+
+
+def kto_weight_ratio(
+    n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> float:
+    """λ_D·n_D / (λ_U·n_U), which the KTO paper advises keeping in [1, 4/3] for the data's actual class
+    balance (``inf`` without undesirable weight)."""
+    denominator = undesirable_weight * n_undesirable
+    return float("inf") if denominator == 0 else desirable_weight * n_desirable / denominator

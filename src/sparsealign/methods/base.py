@@ -75,7 +75,8 @@ def option(help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
 @dataclass
 class StepOutputs:
     """Per-token outputs of one batch of ``num_pairs`` preference pairs (chosen rows first), as filled by the
-    providers of the method's needs."""
+    providers of the method's needs. ``labels``: for binary feedback, the items' labels (bool ``[B]``,
+    desirable or not; the rows are the chosen rows alone), else None."""
 
     policy: TokenOutputs
     reference: TokenOutputs | None
@@ -83,6 +84,7 @@ class StepOutputs:
     activation_mask: torch.Tensor | None = None
     mismatched_policy: TokenOutputs | None = None
     mismatched_reference: TokenOutputs | None = None
+    labels: torch.Tensor | None = None
 
     def policy_pair(self) -> tuple[TokenOutputs, TokenOutputs]:
         return self.policy.chosen(self.num_pairs), self.policy.rejected(self.num_pairs)
@@ -118,6 +120,9 @@ class Method:
     value, which is then dropped); ``name_aliases``: other names of the method. ``summary``: one line (paper and year) for help and docs.
     ``citation``: the method's paper, as a BibTeX entry or one "Author et al. YEAR, Title, arXiv:ID" line (the
     model card of every run cites it; empty when there is no paper to cite).
+    ``binary_feedback(labels, options)``: set when the method also trains on binary feedback (unpaired,
+    labelled items: ``StepOutputs.labels``); called once with the training items' labels before training
+    (KTO warns about the class balance). Other methods refuse such data.
     """
 
     name: str
@@ -136,6 +141,7 @@ class Method:
     aliases: dict[str, tuple[str, Callable[[Any], Any]]] = field(default_factory=dict)
     name_aliases: tuple[str, ...] = ()
     trl_loss_type: str | None = None
+    binary_feedback: Callable[[list[bool], Any], None] | None = None
 
     def __post_init__(self) -> None:
         if not (dataclasses.is_dataclass(self.options) and issubclass(self.options, MethodOptions)):

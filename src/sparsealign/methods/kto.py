@@ -1,5 +1,6 @@
-"""KTO (Ethayarajh et al. 2024, arXiv:2402.01306) on paired data, and KTO-zero (HALOs' KTOZero: the reference
-point fixed at 0, so no mismatched forward)."""
+"""KTO (Ethayarajh et al. 2024, arXiv:2402.01306) on paired data or binary feedback (labelled items:
+``kto_unpaired_loss``), and KTO-zero (HALOs' KTOZero: the reference point fixed at 0, so no mismatched
+forward)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsealign.config import Config, ConfigError
-from sparsealign.losses import LossOutput, kto_loss, kto_reference_point
+from sparsealign.losses import LossOutput, kto_loss, kto_reference_point, kto_unpaired_loss, kto_weight_ratio
 from sparsealign.methods.base import Method, MethodOptions, Need, StepOutputs, option
 from sparsealign.methods.registry import register
 
@@ -34,6 +35,13 @@ def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
 
 
 def _kto(out: StepOutputs, options: KTOOptions, z0: torch.Tensor | float) -> LossOutput:
+    if out.labels is not None:  # binary feedback: the rows are the items' completions
+        (pc, _), (rc, _) = out.policy_pair(), out.reference_pair()
+        return kto_unpaired_loss(
+            pc.logps, rc.logps, pc.mask, out.labels, z0,
+            beta=options.beta, desirable_weight=options.desirable_weight,
+            undesirable_weight=options.undesirable_weight,
+        )  # fmt: skip
     (pc, pr), (rc, rr) = out.policy_pair(), out.reference_pair()
     return kto_loss(
         pc.logps, pr.logps, rc.logps, rr.logps, pc.mask, pr.mask, z0,
@@ -62,9 +70,47 @@ def _check(config: Config) -> None:
     if not 1.0 <= ratio <= 4 / 3:
         logging.getLogger("sparsealign.config").warning(
             "KTO: desirable_weight / undesirable_weight = %.3g; the KTO paper recommends a ratio in [1, 4/3] "
-            "for paired data (as many desirable as undesirable examples).",
+            "for paired data (as many desirable as undesirable examples; binary feedback is checked against "
+            "its own class balance when it is loaded).",
             ratio,
         )
+
+
+RECOMMENDED_RATIO = (1.0, 4 / 3)
+"""The KTO paper's advice for λ_D·n_D / (λ_U·n_U) (Ethayarajh et al. 2024, §4.2)."""
+
+logger = logging.getLogger("sparsealign.methods")
+
+
+def check_class_balance(labels: list[bool], options: KTOOptions) -> None:
+    """Warn when the training data's class balance, weighted, is outside the paper's advice:
+    λ_D·n_D / (λ_U·n_U) (:func:`~sparsealign.losses.kto_weight_ratio`) in [1, 4/3]; the warning names
+    the ``method.desirable_weight`` values that bring it into range with the current λ_U."""
+    n_desirable = sum(labels)
+    n_undesirable = len(labels) - n_desirable
+    lam_d, lam_u = options.desirable_weight, options.undesirable_weight
+    ratio = kto_weight_ratio(n_desirable, n_undesirable, lam_d, lam_u)
+    low, high = RECOMMENDED_RATIO
+    if low <= ratio <= high:
+        return
+    if n_desirable == 0 or n_undesirable == 0:
+        kind = "desirable" if n_desirable == 0 else "undesirable"
+        logger.warning(
+            "KTO: the training data has no %s items (%d desirable, %d undesirable); KTO needs both kinds.",
+            kind, n_desirable, n_undesirable,
+        )  # fmt: skip
+        return
+    fix_low = low * lam_u * n_undesirable / n_desirable
+    fix_high = high * lam_u * n_undesirable / n_desirable
+    logger.warning(
+        "KTO: λ_D·n_D / (λ_U·n_U) = %.3g·%d / (%.3g·%d) = %.3g for the training data's %d desirable and %d "
+        "undesirable items; the KTO paper recommends [1, 4/3]. Set method.desirable_weight in [%.3g, %.3g] "
+        "(with method.undesirable_weight=%.3g), or method.undesirable_weight in [%.3g, %.3g] (with "
+        "method.desirable_weight=%.3g).",
+        lam_d, n_desirable, lam_u, n_undesirable, ratio, n_desirable, n_undesirable,
+        fix_low, fix_high, lam_u,
+        lam_d * n_desirable / (high * n_undesirable), lam_d * n_desirable / (low * n_undesirable), lam_d,
+    )  # fmt: skip
 
 
 KTO_CITATION = (
@@ -80,6 +126,7 @@ register(
         "KTO (Ethayarajh et al. 2024)",
         check=_check,
         citation=KTO_CITATION,
+        binary_feedback=check_class_balance,
     )
 )
 register(
@@ -91,5 +138,6 @@ register(
         "KTO with the reference point fixed at 0 (HALOs' KTOZero)",
         check=_check,
         citation=KTO_CITATION,
+        binary_feedback=check_class_balance,
     )
 )

@@ -19,7 +19,9 @@ DTYPES: dict[str, torch.dtype] = {
 def resolve_dtype(name: str, device: str | torch.device | None) -> torch.dtype:
     """``'auto'`` is bfloat16 on CUDA and float32 elsewhere (bf16 matmuls are several times slower than
     fp32 on CPUs without bf16 units, and fp32 keeps CPU runs identical across machines); any other name
-    is looked up in :data:`DTYPES`."""
+    is looked up in :data:`DTYPES`. This is the rule for inference (sampling, evaluation); training first
+    makes ``auto`` explicit from ``train.precision`` (``sparsealign.train.precision.training_model_config``:
+    float32 master weights in ``fp32`` and the mixed modes, bfloat16 in ``bf16-pure``)."""
     if name == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"
         return torch.bfloat16 if on_cuda else torch.float32

@@ -150,6 +150,12 @@ def _from_pretrained(
             raise _hub_unreachable(source) from None
         where = f"hub repository '{source}'" if kind == "hub" else f"folder '{source}'"
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if kwargs.get("use_safetensors") and "safetensors" in str(error):
+            detail += (
+                " (sparsealign loads weights from safetensors only, never from pickled .bin files: convert the "
+                "checkpoint once with `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)` in a "
+                "trusted environment)"
+            )
         raise ModelError(f"Could not load the {what} from {where}: {detail}") from error
 
 
@@ -163,6 +169,26 @@ def _source(name: str) -> tuple[str, Kind]:
     if kind == "local":
         return _check_local_folder(name), "local"
     return name, "hub"
+
+
+def locate_model(name: str, revision: str | None = None) -> Path | None:
+    """Check, without loading anything, that model ``name`` can be obtained, and return its local folder when
+    it has one (a folder, or a hub id already in the Hugging Face cache); None for a built-in or a hub id
+    that will be downloaded. A missing folder, or a hub id that is neither reachable (``HF_HUB_OFFLINE`` or
+    no network, found out within seconds) nor cached, raises :class:`ModelError` at once."""
+    kind = _kind(name)
+    if kind == "builtin":
+        return None
+    if kind == "local":
+        return Path(_check_local_folder(name))
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached).parent
+    if not hub_reachable():
+        raise _hub_unreachable(name)
+    return None
 
 
 def _quantization(cfg: ModelConfig, device: str | torch.device | None) -> Any:
@@ -312,6 +338,7 @@ def load_model(
     _check_attention(cfg, device)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs["use_safetensors"] = True  # never unpickle weights: a .bin-only checkpoint is refused
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quantization is not None:

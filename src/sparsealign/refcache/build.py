@@ -70,7 +70,10 @@ def reference_entries(
 ) -> list[PairEntry]:
     """Run the reference over ``pairs[i] for i in indices`` (``reference.batch_size`` pairs at a time, chosen
     and rejected in one forward, through the same per-token path as training). Pairs that carry
-    ``mismatched_ids`` (data prepared for KTO) also get the reference log-probs of their 2 mismatched rows."""
+    ``mismatched_ids`` (data prepared for KTO) also get the reference log-probs of their 2 mismatched rows.
+    Binary-feedback items (pairs with a ``label``) are forwarded once, as in training (``collate_pairs``):
+    the completion's log-probs are stored as both responses, and its one mismatched row (both entries of
+    ``mismatched_ids``) as both mismatched rows, so the cache keeps one layout."""
     entries: list[PairEntry] = []
     pad = bundle.tokenizer.pad_token_id
     size = cfg.reference.batch_size
@@ -88,8 +91,9 @@ def reference_entries(
                 rows = collate_mismatched(items, pad, cfg.data.padding_side).to(device)
                 mm = plain(rows)
             b = len(items)
+            paired = batch.input_ids.shape[0] == 2 * b  # binary feedback: the completions' rows alone
             for i, (index, pair) in enumerate(zip(chunk, items, strict=True)):
-                sides = (i, b + i)  # chosen, then rejected
+                sides = (i, b + i) if paired else (i, i)  # chosen, then rejected (an item's completion twice)
                 logps = tuple(out.logps[r][batch.response_mask[r]].float().cpu() for r in sides)
                 entry = PairEntry(index, pair_key(pair), logps)
                 if probe is not None:

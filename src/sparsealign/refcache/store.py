@@ -218,7 +218,7 @@ class ReferenceCache:
         mask = batch.response_mask
         found = [self._find(pair) for pair in pairs]
         responses = [(split, 2 * row) for split, row in found]
-        if batch.num_pairs:
+        if batch.num_pairs and mask.shape[0] == 2 * len(found):  # not a chosen-only batch (SFT, KTO's items)
             responses += [(split, 2 * row + 1) for split, row in found]
         logps = self._logps([split.logps(response) for split, response in responses], mask)
         features = None
@@ -251,7 +251,8 @@ class ReferenceCache:
                     "with `sparsealign cache RECIPE [overrides]`."
                 )
             found.append((split, row))
-        rows = [split.mismatched_logps(2 * row + side) for side in (0, 1) for split, row in found]
+        sides = (0, 1) if batch.response_mask.shape[0] == 2 * len(found) else (0,)  # (0,): labelled items
+        rows = [split.mismatched_logps(2 * row + side) for side in sides for split, row in found]
         logps = self._logps(rows, batch.response_mask)
         return TokenOutputs(logps=logps, mask=batch.response_mask, head_inputs=logps.new_zeros(0, 1))
 

@@ -9,6 +9,7 @@ into place, so a checkpoint folder is either complete or absent; ``state.json`` 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -26,6 +27,9 @@ from sparsealign.errors import CheckpointError
 from sparsealign.io import atomic_folder
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+PARTIAL_DIR = re.compile(r"^\.step-\d+\.tmp-")  # what a kill during an atomic_folder write leaves
+
+logger = logging.getLogger("sparsealign.train")
 
 # Keys that may change between a run and its resumption without changing the trajectory.
 RESUMABLE_DIFFERENCES = {
@@ -59,6 +63,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     elapsed_s: float = 0.0
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,6 +128,7 @@ def save_checkpoint(
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
             "elapsed_s": round(state.elapsed_s, 3),
+            "bad_steps": state.bad_steps,
             "config": config,
         }
         (tmp / "state.json").write_text(json.dumps(payload, indent=1))
@@ -149,11 +155,30 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """What a run killed while writing a checkpoint leaves in ``checkpoints/``: the hidden temporary folder of
+    :func:`sparsealign.io.atomic_folder`, or a ``step-N`` folder without ``state.json``."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.iterdir()
+        if PARTIAL_DIR.match(p.name) or (STEP_DIR.match(p.name) and not (p / "state.json").is_file())
+    )
+
+
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """``auto``: newest complete checkpoint or None; a path: that checkpoint (must be complete)."""
+    """``auto``: newest complete checkpoint or None; a path: that checkpoint (must be complete). Incomplete
+    checkpoints (a kill during a write) are ignored with a note and deleted."""
     if resume is None:
         return None
     if resume == "auto":
+        for partial in incomplete_checkpoints(output_dir):
+            logger.warning(
+                "ignoring and deleting the incomplete checkpoint %s (a write was cut short)", partial
+            )
+            shutil.rmtree(partial, ignore_errors=True)
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
@@ -176,15 +201,9 @@ def _load_tensors(path: Path) -> Any:
         ) from error
 
 
-def load_checkpoint(
-    folder: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    config: dict[str, Any],
-    rank: int,
-) -> TrainState:
-    """Restore model, optimizer, scheduler and this process's RNG; refuse a checkpoint of another run."""
+def check_same_run(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``state.json``; :class:`CheckpointError` listing the differing keys (up to five, with
+    both values) when it was written by a run whose trajectory ``config`` would not continue."""
     payload = json.loads((folder / "state.json").read_text())
     differences = config_differences(payload["config"], config)
     if differences:
@@ -196,6 +215,19 @@ def load_checkpoint(
             f"Checkpoint {folder} belongs to a different run: {shown}. "
             "Use another output_dir, or train.resume=null to start afresh."
         )
+    return payload
+
+
+def load_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: dict[str, Any],
+    rank: int,
+) -> TrainState:
+    """Restore model, optimizer, scheduler and this process's RNG; refuse a checkpoint of another run."""
+    payload = check_same_run(folder, config)
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
@@ -213,7 +245,11 @@ def load_checkpoint(
     if rng_file.is_file():
         set_rng_state(_load_tensors(rng_file))
     return TrainState(
-        payload["step"], payload["epoch"], payload["batch_in_epoch"], payload.get("elapsed_s", 0.0)
+        payload["step"],
+        payload["epoch"],
+        payload["batch_in_epoch"],
+        payload.get("elapsed_s", 0.0),
+        payload.get("bad_steps", 0),
     )
 
 

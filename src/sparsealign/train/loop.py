@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 
 from sparsealign.config import Config, dump_config, to_dict
 from sparsealign.data.collate import collate_pairs
@@ -57,6 +57,15 @@ from sparsealign.train.checkpoint import (
     truncate_metrics,
 )
 from sparsealign.train.model_card import write_model_card
+from sparsealign.train.precision import (
+    Precision,
+    apply_precision,
+    build_accelerator,
+    describe,
+    resolve_precision,
+    training_model_config,
+)
+from sparsealign.train.preflight import check_resume, preflight
 from sparsealign.train.run_folder import RunLock, check_output_dir, claim_run_folder
 from sparsealign.train.schedule import build_scheduler
 from sparsealign.train.signals import StopOnSignal
@@ -250,6 +259,7 @@ class Session:
     digest: str | None
     resumed: bool
     lock: RunLock | None = None  # the run folder's lock (main process), released when :func:`run` ends
+    precision: Precision | None = None  # the resolved train.precision (:mod:`sparsealign.train.precision`)
 
     @property
     def output_dir(self) -> Path:
@@ -283,6 +293,34 @@ def _stop_requested(accelerator: Accelerator, wanted: bool) -> bool:
     return bool(votes.item() > 0)
 
 
+def _non_finite(accelerator: Accelerator, loss_finite: bool, grad_norm: Any) -> str | None:
+    """What was not finite in this step on any process: ``"loss"``, ``"gradient norm"``, or None when the step
+    may update the weights. Under fp16's loss scaling an infinite gradient norm is the scaler's business (it
+    skips the step and lowers the scale), so only the loss is checked there."""
+    norm_bad = accelerator.scaler is None and grad_norm is not None and not math.isfinite(float(grad_norm))
+    if not _stop_requested(accelerator, not loss_finite or norm_bad):
+        return None
+    loss_bad = _stop_requested(accelerator, not loss_finite)
+    return "loss" if loss_bad else "gradient norm"
+
+
+def _skip_step(session: Session, what: str, origins: list[str], bad_run: int) -> int:
+    """Count a skipped step (``bad_steps`` in ``metrics.jsonl``, with ``skipped: true`` on its line), log its
+    examples' origins and return the number of consecutive skipped steps."""
+    state = session.state
+    state.bad_steps += 1
+    session.log.write(state.step, {"skipped": True, "bad_steps": state.bad_steps})
+    if session.accelerator.is_main_process:
+        shown = ", ".join(origins[:16]) + (f", ... ({len(origins)} in all)" if len(origins) > 16 else "")
+        logger.warning(
+            "step %d skipped: non-finite %s (no optimizer update); its examples: %s",
+            state.step,
+            what,
+            shown or "(no origins)",
+        )
+    return bad_run + 1
+
+
 def _claim(cfg: Config, accelerator: Accelerator) -> RunLock | None:
     """The main process creates and locks the run folder (:mod:`sparsealign.train.run_folder`); when it
     refuses, the other processes exit quietly (status 2) so that the reason is shown once."""
@@ -306,13 +344,20 @@ def build(cfg: Config) -> Session:
     require_tracker(cfg.train.tracker)  # before any expensive work: accelerate would only warn
     output_dir = Path(cfg.output_dir)
     check_output_dir(output_dir)
+    preflight(cfg)  # data file, model, room in output_dir: one line each, before anything loads
     tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.grad_accum, log_with=tracker, project_dir=str(output_dir)
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device  # as Accelerator() reads it
+    precision = resolve_precision(cfg.train.precision, device, cfg.model.dtype, cfg.train.lr)
+    cfg.train.precision = precision.name  # config.yaml and checkpoints record the resolved precision
+    accelerator = build_accelerator(
+        precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=tracker,
+        project_dir=str(output_dir),
     )
     lock = _claim(cfg, accelerator)
     try:
-        session = _build(cfg, accelerator, tracker, started)
+        session = _build(cfg, accelerator, tracker, started, precision)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -323,7 +368,9 @@ def build(cfg: Config) -> Session:
     return session
 
 
-def _build(cfg: Config, accelerator: Accelerator, tracker: str | None, started: float) -> Session:
+def _build(
+    cfg: Config, accelerator: Accelerator, tracker: str | None, started: float, precision: Precision
+) -> Session:
     """:func:`build` once the run folder is this run's."""
     output_dir = Path(cfg.output_dir)
     set_seed(cfg.train.seed)
@@ -332,18 +379,22 @@ def _build(cfg: Config, accelerator: Accelerator, tracker: str | None, started: 
     config_tree = to_dict(cfg)
 
     resume_from = resolve_resume(output_dir, cfg.train.resume)
+    check_resume(resume_from, config_tree)  # before any model loads
     if accelerator.is_main_process:
         dump_config(cfg, output_dir / "config.yaml")
 
     cached = cfg.reference.cache is not None
+    if accelerator.is_main_process:
+        logger.info(describe(precision))
     bundle = load_bundle(
-        cfg.model,
+        training_model_config(cfg.model, precision),
         cfg.train.seed,
         accelerator.device,
         need_reference=method.needs_reference and not cached,
         reference=cfg.reference,
     )
     digest = weights_digest(unwrap_causal_lm(bundle.policy)) if cached else None  # the untrained weights
+    apply_precision(bundle, precision, cfg.model.dtype)  # float32 master weights in the mixed modes
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(bundle.policy)
     with accelerator.main_process_first():
@@ -413,6 +464,7 @@ def _build(cfg: Config, accelerator: Accelerator, tracker: str | None, started: 
         config_tree=config_tree,
         digest=digest,
         resumed=resume_from is not None,
+        precision=precision,
     )
 
 
@@ -500,31 +552,53 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
     window_tokens, window_start = 0, time.perf_counter()
     run_tokens, run_seconds = 0.0, 0.0  # over the logged windows: the session's mean tokens/s
+    bad_run = 0  # consecutive skipped steps
     try:
         while state.step < total:
             policy.train()
             step_start_rng = rng_state()  # what a checkpoint taken on Ctrl-C during this step restores
             records = []
+            origins: list[str] = []  # the batch's examples, named when the step is skipped
+            finite = torch.tensor(True, device=accelerator.device)
             micro = plan.micro_batches(state.step, accelerator.process_index)
             for indices in micro:
                 items = [data.train[j] for j in indices]
+                origins += [item.origin for item in items]
                 batch = collate_pairs(items, pad, cfg.data.padding_side, method.rows == "chosen").to(
                     accelerator.device
                 )
                 with accelerator.accumulate(policy):  # syncs gradients and steps only on the last micro-batch
                     out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, cache))
+                    finite &= torch.isfinite(out.loss.detach()).all()
                     accelerator.backward(out.loss)  # divides by grad_accum
+                    bad = None
                     if accelerator.sync_gradients:
                         grad_norm = clip_gradients(accelerator, policy, max_norm)
                         lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
+                        bad = _non_finite(accelerator, bool(finite), grad_norm)
+                    if bad is None:  # a non-finite step is skipped: no update of weights or optimizer state
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 records.append((len(indices), {"loss": out.loss.detach(), **out.metrics}))
                 window_tokens += batch.num_tokens
             scheduler.step()
             state.step += 1
+            if bad is not None:
+                bad_run = _skip_step(s, bad, gather_object(origins), bad_run)
+                if bad_run >= cfg.train.max_bad_steps:
+                    if bar is not None:
+                        bar.close()
+                    checkpoint()  # the weights and optimizer state are the last good step's
+                    raise TrainingError(
+                        f"{bad_run} consecutive steps (up to step {state.step}) had a non-finite {bad}; the "
+                        f"run stops (train.max_bad_steps={cfg.train.max_bad_steps}). The last good weights "
+                        f"are saved in {output_dir / 'checkpoints' / f'step-{state.step}'}. Try a lower "
+                        "train.lr, train.max_grad_norm=1.0 or train.precision=fp32, then train.resume=auto."
+                    )
+            else:
+                bad_run = 0
 
-            if state.step % cfg.train.log_every == 0 or state.step == total:
+            if bad is None and (state.step % cfg.train.log_every == 0 or state.step == total):
                 metrics = _mean_metrics(records, accelerator, accelerator.device)
                 tokens = accelerator.reduce(
                     torch.tensor(float(window_tokens), device=accelerator.device), reduction="sum"
@@ -535,6 +609,8 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
                     lr=lr, grad_norm=float(grad_norm), tokens_per_s=float(tokens) / max(elapsed, 1e-9)
                 )
                 metrics["epoch"] = state.step / plan.steps_per_epoch
+                if state.bad_steps:
+                    metrics["bad_steps"] = state.bad_steps
                 record = log.write(state.step, metrics)
                 if accelerator.is_main_process:
                     callbacks.on_log(state.step, record)
@@ -587,7 +663,8 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
     if accelerator.is_main_process:
         if cfg.eval.generate and bundle.reference is None and not (bundle.is_lora or bundle.reference_loader):
             # trained from a cache: load the reference for the evaluation's KL
-            bundle.reference = load_reference(cfg.model, cfg.train.seed, accelerator.device, digest)
+            model_cfg = training_model_config(cfg.model, s.precision) if s.precision else cfg.model
+            bundle.reference = load_reference(model_cfg, cfg.train.seed, accelerator.device, digest)
         trained = TrainedModels(bundle, data, accelerator.device)
     accelerator.end_training()
     return result(interrupted, trained)

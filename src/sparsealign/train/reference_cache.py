@@ -30,6 +30,7 @@ def cache_run(cfg: Config, force: bool = False) -> tuple[Path, bool]:
     from sparsealign.models.loading import load_bundle
     from sparsealign.models.logprobs import unwrap_causal_lm
     from sparsealign.sae.probe import build_feature_probe
+    from sparsealign.train.precision import resolve_precision, training_model_config
 
     method = get_method(cfg.method.name)
     if not cache_can_serve(method):
@@ -41,7 +42,9 @@ def cache_run(cfg: Config, force: bool = False) -> tuple[Path, bool]:
         cfg.reference.cache = str(Path(cfg.output_dir) / "reference-cache")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
     device = state.device
-    bundle = load_bundle(cfg.model, cfg.train.seed, device, need_reference=False, reference=cfg.reference)
+    precision = resolve_precision(cfg.train.precision, device, cfg.model.dtype)
+    model_cfg = training_model_config(cfg.model, precision)  # the weights training will load: same digest
+    bundle = load_bundle(model_cfg, cfg.train.seed, device, need_reference=False, reference=cfg.reference)
     digest = weights_digest(unwrap_causal_lm(bundle.policy))
     with state.main_process_first():  # sampled pairs (imdb) are made once, by the main process
         data = prepare_method_data(cfg, method, bundle, state.is_main_process)

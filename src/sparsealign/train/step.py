@@ -31,12 +31,14 @@ from sparsealign.methods import Method, Need, StepOutputs
 from sparsealign.models.loading import ModelBundle
 from sparsealign.models.logprobs import Head, TokenModel, TokenOutputs, output_head
 from sparsealign.refcache import ReferenceCache
+from sparsealign.train.precision import Precision, precision_of, upcast
 
 
 @dataclass
 class StepInputs:
     """Everything a step reads besides the policy: the method and its options, the batch and the pairs it
-    was collated from (the cache is keyed by pairs), the models and the reference cache."""
+    was collated from (the cache is keyed by pairs), the models, the reference cache and the training
+    precision (None: the forwards run in the weights' dtype, as ``fp32``)."""
 
     method: Method
     options: Any
@@ -45,6 +47,7 @@ class StepInputs:
     bundle: ModelBundle
     cache: ReferenceCache | None = None
     padding_side: str = "right"
+    precision: Precision | None = None
 
 
 @dataclass
@@ -139,7 +142,20 @@ AFTER_POLICY: dict[Need, Callable[[torch.nn.Module, StepInputs, StepOutputs], No
 
 
 def step_outputs(policy: torch.nn.Module, inputs: StepInputs) -> StepOutputs:
-    """The per-token outputs of one batch that the method's needs ask for (see the module docstring)."""
+    """The per-token outputs of one batch that the method's needs ask for (see the module docstring).
+
+    In a mixed precision every forward (reference, policy, mismatched rows) runs under the precision's
+    autocast and the outputs are returned in float32 (:func:`~sparsealign.train.precision.upcast`), so the
+    loss, computed after this returns, outside autocast, is float32 throughout."""
+    precision = inputs.precision
+    if precision is None or not precision.mixed:
+        return _step_outputs(policy, inputs)
+    with precision.autocast():
+        out = _step_outputs(policy, inputs)
+    return upcast(out)
+
+
+def _step_outputs(policy: torch.nn.Module, inputs: StepInputs) -> StepOutputs:
     token_model = _token_model(policy)
     reference = reference_side(token_model, inputs)
     ref_outputs = reference.outputs if reference is not None else None
@@ -155,6 +171,7 @@ def step_outputs(policy: torch.nn.Module, inputs: StepInputs) -> StepOutputs:
         ref_outputs,
         inputs.batch.num_pairs,
         reference.activation_mask if reference is not None else None,
+        labels=inputs.batch.labels,
     )
     for need in sorted(inputs.method.needs, key=lambda n: n.value):
         provide = AFTER_POLICY.get(need)
@@ -176,14 +193,18 @@ def step_inputs(
     pairs: Sequence[TokenizedPair] = (),
     cache: ReferenceCache | None = None,
 ) -> StepInputs:
-    return StepInputs(method, cfg.method, batch, pairs, bundle, cache, cfg.data.padding_side)
+    """The :class:`StepInputs` of one batch under ``cfg`` (its precision on the batch's device)."""
+    precision = precision_of(cfg, batch.input_ids.device)
+    return StepInputs(method, cfg.method, batch, pairs, bundle, cache, cfg.data.padding_side, precision)
 
 
 def prepare_method_data(
     cfg: Config, method: Method, bundle: ModelBundle, is_main_process: bool = True
 ) -> PreparedData:
     """The run's data as the method needs it: with mismatched rows when it needs them, and its own rewrite of
-    the tokenised pairs (conditional SFT's control prefixes) applied to train and eval pairs."""
+    the tokenised pairs (conditional SFT's control prefixes) applied to train and eval pairs. Binary feedback
+    is accepted only by a method with ``binary_feedback``, which then sees the training labels (on the main
+    process, so that it warns once)."""
     rewrite = None
     if method.prepare_pairs is not None:
         prepare = method.prepare_pairs
@@ -192,9 +213,18 @@ def prepare_method_data(
         def rewrite(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
             return prepare(pairs, cfg.method, tokenizer, cfg.data.max_length)
 
-    return prepare_data(
-        cfg, bundle, is_main_process, mismatched=Need.MISMATCHED in method.needs, prepare_pairs=rewrite
+    data = prepare_data(
+        cfg,
+        bundle,
+        is_main_process,
+        mismatched=Need.MISMATCHED in method.needs,
+        prepare_pairs=rewrite,
+        chosen_only=method.rows == "chosen",
+        binary_feedback=method.binary_feedback is not None,
     )
+    if data.unpaired and method.binary_feedback is not None and is_main_process:
+        method.binary_feedback([bool(p.label) for p in data.train], cfg.method)
+    return data
 
 
 def sae_pooling(method: Method, cfg: Config) -> str:

@@ -49,6 +49,14 @@ def format_run_summary(result: RunResult) -> str:
     if result.report is not None and isinstance(result.report.get("reward_delta"), (int, float)):
         delta = result.report["reward_delta"]
         lines.append(_line("report", f"reward delta (policy - reference) {delta:+.4f}"))
+    elif result.report is not None and isinstance(
+        result.report.get("policy", {}).get("kl_mean"), (int, float)
+    ):
+        policy = result.report["policy"]
+        text = (
+            f"policy KL to reference {policy['kl_mean']:.4f}, mean length {policy['length_mean']:.1f} tokens"
+        )
+        lines.append(_line("report", text))
     written = dict(result.written)
     if result.report is not None:
         written.setdefault("report", result.output_dir / "report")

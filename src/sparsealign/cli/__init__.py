@@ -7,11 +7,16 @@ recipe's reference outputs (the offline reference cache). ``sparsealign config [
 prints the resolved config (``--keys`` lists every key with its help). ``sparsealign train --nproc N`` runs N
 processes through ``accelerate launch``; ``sparsealign push RUN --repo-id NAME`` uploads ``RUN/final``. Heavy libraries are imported only
 inside the commands, so ``sparsealign --help`` answers at once.
+
+The evaluation and data commands live in their own modules here (``sparsealign.cli.sample`` ...), each with
+``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; :data:`COMMAND_MODULES` lists them in the
+order ``--help`` shows them. Such a module imports nothing heavy at module level.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -34,6 +39,18 @@ COMMANDS = {
     "recipes": "List the built-in recipes (run one by name: sparsealign train NAME) with their descriptions.",
     "push": "Upload a run's final model or LoRA adapter, with its model card, to the Hugging Face hub.",
 }
+COMMAND_MODULES = (
+    "sample",
+    "judge",
+    "score",
+    "evaluate",
+    "passk",
+    "experiment",
+    "report",
+    "export",
+    "data",
+)
+"""The commands with a module of their own in ``sparsealign.cli`` (``sparsealign.cli.<name>``)."""
 RECIPE_HELP = (
     f"A YAML recipe file or a built-in recipe's name (`sparsealign recipes` lists them; default: "
     f"{DEFAULT_RECIPE}), then dotted key=value overrides."
@@ -54,7 +71,16 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "httpx", "filelock"):
+    for noisy in (
+        "transformers",
+        "accelerate",
+        "datasets",
+        "urllib3",
+        "httpx",
+        "httpx2",
+        "openai",
+        "filelock",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -323,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     sae_train.add_argument("--device", help="cpu, cuda or auto.")
     sae_train.add_argument("--dtype", help="Model dtype: auto, float32, bfloat16, float16.")
     sae_train.set_defaults(func=_cmd_sae_train)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"sparsealign.cli.{name}")
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 

@@ -1,0 +1,7 @@
+"""``python -m sparsealign.cli``: the same as the ``sparsealign`` command."""
+
+import sys
+
+from sparsealign.cli import main
+
+sys.exit(main())
