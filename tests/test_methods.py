@@ -57,14 +57,15 @@ def test_no_module_outside_the_registry_names_a_method():
 
 
 def test_no_test_hard_codes_the_list_of_methods():
-    """Tests take the methods from the registry: no list or tuple literal holding three or more method names."""
+    """Tests take the methods from the registry: no list, tuple or set literal holding four or more distinct
+    method names (a few named examples, such as an experiment grid's, are fine)."""
     names = set(METHODS)
     offenders = []
     for path in sorted((ROOT / "tests").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.List | ast.Tuple | ast.Set):
                 listed = [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names]
-                if len(listed) >= 3:
+                if len(set(listed)) >= 4:
                     offenders.append(f"{path.name}:{node.lineno}: {listed}")
     assert not offenders, "\n".join(offenders)
 
