@@ -10,36 +10,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparsealign.api import load_config, train
+from sparsealign.api import load_config
 from sparsealign.cli import main
 from sparsealign.errors import ModelError
 from sparsealign.eval.export import _prepare_tokenizer, export_run
 from sparsealign.eval.run_model import EvalModel, load_eval_model
+from tiny_models import train_smoke
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _train(folder: Path, *extra: str) -> Path:
-    overrides = [
-        f"output_dir={folder}",
-        "train.max_steps=2",
-        "train.save_every=100",
-        "train.eval_every=100",
-        "train.progress=false",
-        *extra,
-    ]
-    train(load_config("smoke", overrides))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _train(tmp_path_factory.mktemp("full-run"))
+    return train_smoke(tmp_path_factory.mktemp("full-run"))
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _train(tmp_path_factory.mktemp("lora-run"), "model.lora.r=4", "train.lr=0.05")
+    return train_smoke(tmp_path_factory.mktemp("lora-run"), "model.lora.r=4", "train.lr=0.05")
 
 
 def _greedy(model: torch.nn.Module, ids: list[int], eos: int) -> list[int]:

@@ -354,26 +354,11 @@ def one_thread():
 @pytest.fixture
 def tiny_reward(tmp_path):
     """A tiny random sequence classifier saved as a folder: ``reward.name=<folder>``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from sparsealign.models.builtins import tiny_llama_tokenizer
+    from tiny_models import save_tiny_classifier
 
-    tokenizer = tiny_llama_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
     folder = tmp_path / "reward"
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_classifier(folder, tiny_llama_tokenizer())
     return folder
 
 

@@ -313,25 +313,11 @@ def test_report_summary(llama, tmp_path, capsys):
 
 
 def test_classifier_reward_is_log_odds_and_missing_model_is_a_clear_error(llama, tmp_path):
-    from transformers import LlamaForSequenceClassification
-
     from sparsealign.rewards.sentiment import ClassifierReward
+    from tiny_models import save_tiny_classifier
 
     _, tokenizer = llama
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=3,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    classifier = LlamaForSequenceClassification(config).eval()
-    classifier.save_pretrained(tmp_path / "clf")
-    tokenizer.save_pretrained(tmp_path / "clf")
+    classifier = save_tiny_classifier(tmp_path / "clf", tokenizer, num_labels=3)
     reward = load_reward(RewardConfig(name=str(tmp_path / "clf"), positive_label=2, batch_size=2))
     assert isinstance(reward, RewardModel)
     texts = ["great movie", "bad", "a film with a plot"]

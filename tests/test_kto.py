@@ -308,8 +308,11 @@ def test_kto_settings_are_checked(tmp_path, caplog):
         smoke(tmp_path, "method.undesirable_weight=-1")
     smoke(tmp_path, "method.desirable_weight=1.33")
     assert "recommends" not in caplog.text
-    smoke(tmp_path, "method.undesirable_weight=2.0")  # ratio 0.5: allowed, with the paper's advice
-    assert "ratio in [1, 4/3]" in caplog.text
+    cfg = smoke(tmp_path, "method.undesirable_weight=2.0")  # ratio 0.5: allowed, with the paper's advice
+    from sparsealign.methods.kto import check_class_balance
+
+    check_class_balance([True] * 4 + [False] * 4, cfg.method)  # paired data: as many of each kind
+    assert "the KTO paper recommends [1, 4/3]. Set method.desirable_weight in [2, 2.67]" in caplog.text
 
 
 def test_a_kto_cache_serves_dpo_and_a_dpo_cache_is_refused_for_kto(tmp_path, monkeypatch):

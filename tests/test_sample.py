@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsealign.api import load_config, train
+from sparsealign.api import load_config
 from sparsealign.cli import main
 from sparsealign.data.examples import PreferenceExample
 from sparsealign.data.formats import load_examples
@@ -28,6 +28,7 @@ from sparsealign.eval.sampling import (
     sample_to_file,
 )
 from sparsealign.models.generate import decode_continuation
+from tiny_models import train_smoke
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -35,16 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke-recipe run trained for two steps (full fine-tuning)."""
-    folder = tmp_path_factory.mktemp("smoke-run")
-    overrides = [
-        f"output_dir={folder}",
-        "train.max_steps=2",
-        "train.save_every=100",
-        "train.eval_every=100",
-        "train.progress=false",
-    ]
-    train(load_config("smoke", overrides))
-    return folder
+    return train_smoke(tmp_path_factory.mktemp("smoke-run"))
 
 
 @pytest.fixture(scope="module")

@@ -97,22 +97,9 @@ def test_score_cli_with_imdb_sentiment_scores_prompt_plus_output(tmp_path, monke
 
 
 def test_score_cli_with_a_sequence_classifier_folder(tmp_path, tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from tiny_models import save_tiny_classifier
 
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=2,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    classifier = LlamaForSequenceClassification(config).eval()
-    classifier.save_pretrained(tmp_path / "clf")
-    tiny_tokenizer.save_pretrained(tmp_path / "clf")
+    classifier = save_tiny_classifier(tmp_path / "clf", tiny_tokenizer)
     path = write_rows(tmp_path / "s.jsonl", ROWS[:2])
     code = main(["score", str(path), "--reward", str(tmp_path / "clf"), "--text", "output"])
     assert code == 0
@@ -183,21 +170,9 @@ def test_evaluate_cli_kl_and_entropy_of_a_model_against_itself(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from sparsealign import load_config, train
+    from tiny_models import train_smoke
 
-    out = tmp_path_factory.mktemp("run")
-    overrides = [
-        f"output_dir={out}",
-        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
-        "data.eval_fraction=0.2",
-        "train.max_steps=2",
-        "train.save_every=0",
-        "train.eval_every=0",
-        "train.progress=false",
-        "eval.generate=false",
-    ]
-    train(load_config(ROOT / "configs/smoke.yaml", overrides))
-    return out
+    return train_smoke(tmp_path_factory.mktemp("run"), "data.eval_fraction=0.2", "eval.generate=false")
 
 
 def test_implicit_reward_accuracy_of_a_smoke_run_equals_a_direct_computation(smoke_run):

@@ -52,3 +52,40 @@ def random_pairs(n: int, seed: int = 0):
         ids = lambda k: torch.randint(3, VOCAB, (k,), generator=g).tolist()  # noqa: E731
         pairs.append(TokenizedPair([1, *ids(p)], ids(c) + [2], ids(r) + [2]))
     return pairs
+
+
+def save_tiny_classifier(folder, tokenizer, num_labels: int = 2, seed: int = 0):
+    """A tiny random Llama sequence classifier (hidden 32, one layer) saved with ``tokenizer`` in ``folder``:
+    a reward model for ``reward.name=<folder>``. Returns the classifier (eval mode)."""
+    from transformers import LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    classifier = LlamaForSequenceClassification(config).eval()
+    classifier.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return classifier
+
+
+def train_smoke(folder, *overrides: str):
+    """Train the smoke recipe for two steps into ``folder`` (no checkpoints, no evaluation); returns it."""
+    from sparsealign import load_config, train
+
+    base = [
+        f"output_dir={folder}",
+        "train.max_steps=2",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "train.progress=false",
+    ]
+    train(load_config("smoke", [*base, *overrides]))
+    return folder

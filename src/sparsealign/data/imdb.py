@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 HELDOUT_FRACTION = 0.1
 """Share of reviews in the held-out pool (evaluation prompts); the rest is the training pool."""
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Bumped when the same settings would sample other pairs: 2 = per-prompt seeding of ``sample_continuations``."""
 
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]{0,10}\s*/?>")

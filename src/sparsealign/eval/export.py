@@ -75,16 +75,6 @@ def _is_hub_id(name: str) -> bool:
     return bool(name) and not Path(name).expanduser().exists() and not name.startswith(("/", ".", "~"))
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    generation = getattr(model, "generation_config", None)
-    for value in (tokenizer.eos_token_id, getattr(generation, "eos_token_id", None)):
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if item is not None and int(item) not in ids:
-                ids.append(int(item))
-    return ids
-
-
 def _prepare_tokenizer(loaded: EvalModel) -> Any:
     """The tokenizer with the run's chat template (``data.chat_template`` replaces the tokenizer's own)."""
     from sparsealign.data.tokenize import resolve_chat_template
@@ -169,7 +159,9 @@ def export_run(
     tokenizer = _prepare_tokenizer(loaded)
     if kind != "adapter":
         generation = model.generation_config
-        eos = _eos_ids(model, tokenizer)
+        from sparsealign.models.generate import eos_ids
+
+        eos = eos_ids(model, tokenizer)
         generation.eos_token_id = eos[0] if len(eos) == 1 else eos
         generation.pad_token_id = tokenizer.pad_token_id
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -66,14 +66,6 @@ def _check(config: Config) -> None:
     m = config.method
     if m.desirable_weight < 0 or m.undesirable_weight < 0:
         raise ConfigError("'method.desirable_weight' and 'method.undesirable_weight' must be >= 0.")
-    ratio = m.desirable_weight / max(m.undesirable_weight, 1e-12)
-    if not 1.0 <= ratio <= 4 / 3:
-        logging.getLogger("sparsealign.config").warning(
-            "KTO: desirable_weight / undesirable_weight = %.3g; the KTO paper recommends a ratio in [1, 4/3] "
-            "for paired data (as many desirable as undesirable examples; binary feedback is checked against "
-            "its own class balance when it is loaded).",
-            ratio,
-        )
 
 
 RECOMMENDED_RATIO = (1.0, 4 / 3)

@@ -222,8 +222,13 @@ def prepare_method_data(
         chosen_only=method.rows == "chosen",
         binary_feedback=method.binary_feedback is not None,
     )
-    if data.unpaired and method.binary_feedback is not None and is_main_process:
-        method.binary_feedback([bool(p.label) for p in data.train], cfg.method)
+    if method.binary_feedback is not None and is_main_process:  # paired data: one item of each kind per pair
+        labels = (
+            [bool(p.label) for p in data.train]
+            if data.unpaired
+            else [True] * len(data.train) + [False] * len(data.train)
+        )
+        method.binary_feedback(labels, cfg.method)
     return data
 
 
