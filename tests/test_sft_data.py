@@ -122,3 +122,25 @@ def test_messages_rows_refused_for_a_preference_method(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="method.name=sft"):
         train(config)
+
+
+def test_the_papers_sft_recipes_carry_their_normalisation() -> None:
+    """SparsePO's HH SFT ran TRL's SFTTrainer (token mean); FPO's UltraChat SFT ran HALOs' (per-response sum)."""
+    from sparsealign.recipes.load import load_config
+
+    hh = load_config("hh/sft-pythia-1.4b")
+    assert (hh.method.name, hh.method.sft_normalize, hh.data.source, hh.data.add_bos) == (
+        "sft",
+        "token",
+        "hh",
+        True,
+    )
+    assert (hh.train.lr, hh.train.batch_size * hh.train.grad_accum * 4) == (1e-5, 1024)
+    for size in ("2b", "9b"):
+        uc = load_config(f"ultrachat/sft-gemma-2-{size}")
+        assert (uc.method.sft_normalize, uc.data.source, uc.data.chat_template) == (
+            "sum",
+            "ultrachat",
+            "halos",
+        )
+        assert (uc.data.sft_turns, uc.train.lr, uc.train.warmup_steps) == ("all", 5e-6, 150)
