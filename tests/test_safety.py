@@ -230,3 +230,32 @@ def test_a_pickled_bin_checkpoint_is_refused(tmp_path) -> None:
     model.save_pretrained(tmp_path)  # now with model.safetensors: loads, same weights
     loaded, _ = load_model(ModelConfig(name=str(tmp_path)))
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_secrets_in_the_environment_are_never_written(tmp_path, monkeypatch, caplog, capsys) -> None:
+    """A run with fake keys in the environment (hub token, OpenAI, W&B) writes them nowhere: not in config.yaml,
+    metrics, checkpoints, final/, the report page, the model card, the cache, the logs or the console."""
+    import logging
+
+    from tiny_models import train_smoke
+
+    secrets = {
+        "HF_TOKEN": "hf_FAKEsecretTOKEN0123456789",
+        "HUGGING_FACE_HUB_TOKEN": "hf_FAKEsecretLEGACY987654321",
+        "OPENAI_API_KEY": "sk-FAKEsecretOPENAI0123456789",
+        "WANDB_API_KEY": "FAKEsecretWANDB0123456789abcdef",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SPARSEALIGN_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.DEBUG)
+    run = train_smoke(tmp_path / "run", "eval.generate=true", "train.save_every=1")
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "index.html" for path in written) and any(p.name == "README.md" for p in written)
+    assert (run / "checkpoints").is_dir()
+    captured = capsys.readouterr()
+    for value in secrets.values():
+        needle = value.encode()
+        leaked = [str(path) for path in written if needle in path.read_bytes()]
+        assert not leaked, f"{value} written to {leaked}"
+        assert value not in caplog.text and value not in captured.out and value not in captured.err
