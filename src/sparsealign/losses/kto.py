@@ -52,7 +52,8 @@ def kto_loss(
 
         loss_w = λ_D · (1 − σ(β (r_w − z₀))),    loss_l = λ_U · (1 − σ(β (z₀ − r_l))),
 
-    and the loss is the mean over all 2B examples, i.e. ``per_example = (loss_w + loss_l) / 2`` per pair.
+    and the loss is the mean over all 2B examples, i.e. ``per_example = (loss_w + loss_l) / 2`` per pair: the
+    chosen and rejected rows are :func:`kto_unpaired_loss`'s desirable and undesirable items.
     λ_D = ``desirable_weight``, λ_U = ``undesirable_weight``; the paper recommends
     λ_D n_D / (λ_U n_U) in [1, 4/3] (1 for paired data with equal weights).
 
@@ -66,22 +67,26 @@ def kto_loss(
         mask_chosen,
         mask_rejected,
     )
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if desirable_weight < 0 or undesirable_weight < 0:
-        raise ValueError("desirable_weight and undesirable_weight must be non-negative")
-    z0 = torch.as_tensor(reference_point, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
+    batch = policy_chosen_logps.shape[0]
+    items = (
+        kto_unpaired_loss(  # the chosen rows are the desirable items, the rejected rows the undesirable ones
+            torch.cat([policy_chosen_logps, policy_rejected_logps]),
+            torch.cat([ref_chosen_logps, ref_rejected_logps]),
+            torch.cat([mask_chosen, mask_rejected]),
+            torch.arange(2 * batch, device=policy_chosen_logps.device) < batch,
+            reference_point,
+            beta,
+            desirable_weight,
+            undesirable_weight,
+        )
+    )
+    per_example = (items.per_example[:batch] + items.per_example[batch:]) / 2
     policy_chosen = masked_sum(policy_chosen_logps, mask_chosen)
     policy_rejected = masked_sum(policy_rejected_logps, mask_rejected)
     chosen_logratio = policy_chosen - masked_sum(ref_chosen_logps, mask_chosen)
     rejected_logratio = policy_rejected - masked_sum(ref_rejected_logps, mask_rejected)
-
-    chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (chosen_logratio - z0)))
-    rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rejected_logratio)))
-    per_example = (chosen_losses + rejected_losses) / 2
-
     metrics = paired_metrics(beta * chosen_logratio, beta * rejected_logratio, policy_chosen, policy_rejected)
-    metrics["kl"] = z0.detach()
+    metrics["kl"] = items.metrics["kl"]
     return LossOutput(loss=per_example.mean(), per_example=per_example, metrics=metrics)
 
 
