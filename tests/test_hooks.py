@@ -103,11 +103,14 @@ def test_at_positions_by_hand():
     torch.testing.assert_close(at_positions(index, mask, length=4)(value.reshape(8, 3)), expected)
     shared = torch.arange(4.0).reshape(1, 4, 1)
     torch.testing.assert_close(at_positions(index)(shared), torch.tensor([[[3.0], [0.0]], [[1.0], [1.0]]]))
-    with pytest.raises(ValueError, match=r"expected \[N, L, W\] with N = 2, L = 5"):
+    # packed rows: output row n read from value row rows[n] (three sequences in two rows)
+    packed = at_positions(torch.tensor([[0, 2], [1, 3], [2, 2]]), rows=torch.tensor([1, 0, 1]), num_rows=2)
+    torch.testing.assert_close(packed(value)[:, :, 0], torch.tensor([[12.0, 18.0], [3.0, 9.0], [18.0, 18.0]]))
+    with pytest.raises(ValueError, match=r"expected \[R, L, W\] with R = 2, L = 5"):
         at_positions(index, length=5)(value)
     with pytest.raises(ValueError, match=r"L >= 4"):
         at_positions(index)(value[:, :3])
-    with pytest.raises(ValueError, match="N = 2"):
+    with pytest.raises(ValueError, match="R = 2"):
         at_positions(index)(value[:, :, 0])
 
 

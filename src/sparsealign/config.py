@@ -282,6 +282,14 @@ class TrainConfig:
         "(much less activation memory, about a third more step time).",
         default=False,
     )
+    packing: Literal["auto"] | bool = _help(
+        "Padding-free forwards: the sequences of a micro-batch are packed into fewer rows, each keeping its "
+        "own position ids, with attention kept within each sequence (flash/varlen attention where supported, "
+        "a block-diagonal mask otherwise); outputs equal the padded forward's. true: always; false: padded "
+        "rows; auto: a batch is packed when that computes at most 85% of the padded positions. A model whose "
+        "packed forward is not exact (checked once at start) trains padded (auto) or is refused (true).",
+        default="auto",
+    )
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] = _help(
         "Numeric precision of training. fp32: everything float32. bf16-mixed / fp16-mixed: float32 master "
         "weights and optimizer state, bfloat16 / float16 autocast forward (fp16 with loss scaling; CUDA only), "

@@ -9,7 +9,10 @@ permissions a plain ``open``/``mkdir`` gives (``0o666``/``0o777`` minus the user
 safetensors and ``tempfile`` among them, make theirs private), so the result is readable by whoever could
 read a file written directly.
 
-This module is the lowest layer: it imports nothing from sparsealign and nothing heavy.
+Paths that come from configs or data and are joined under an output folder go through :func:`inside`,
+which refuses any that would lead outside it.
+
+This module is the lowest layer: it imports nothing from sparsealign but its errors, and nothing heavy.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_file", "atomic_folder", "atomic_write", "cache_root"]
+from sparsealign.errors import UserError
+
+__all__ = ["atomic_file", "atomic_folder", "atomic_write", "cache_root", "inside"]
 
 StrPath = str | os.PathLike[str]
 
@@ -150,3 +155,56 @@ def _swap_in(work: Path, dest: Path) -> None:
         os.rename(old, dest)  # put the previous folder back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _escape_reason(relative: str, nested: bool) -> str | None:
+    """Why ``relative`` cannot be joined under a folder as it is (None when it can, symbolic links aside)."""
+    if not relative:
+        return "is empty"
+    if "\0" in relative:
+        return "contains a NUL character"
+    if "\\" in relative:
+        return "contains a backslash (a path separator on Windows)"
+    if relative.startswith("/"):
+        return "is an absolute path"
+    if not nested and "/" in relative:
+        return "contains a path separator ('/')"
+    if ".." in relative.split("/"):
+        return "has a '..' component"
+    return None
+
+
+def inside(
+    root: StrPath,
+    relative: StrPath,
+    what: str,
+    *,
+    nested: bool = False,
+    error: type[UserError] = UserError,
+) -> Path:
+    """``root / relative``, for a name or relative path that comes from a config value or from data (a cell
+    name, a method name, a cache key): refused with ``error`` (one line naming ``what``) when the result could
+    lead outside ``root``.
+
+    ``relative`` must be a plain name (no ``/``), or with ``nested=True`` a relative path of plain names. It
+    may not be empty, absolute, contain ``..``, a backslash or NUL, nor lead through an existing symbolic
+    link (inside ``root``) to a place outside it. ``root`` itself is not checked: it is the destination the
+    user chose. The path returned is the plain join (not resolved), so messages show what the user gave.
+    """
+    text = os.fspath(relative)
+    reason = _escape_reason(text, nested)
+    path = Path(root) / text
+    if reason is None:
+        try:
+            base, resolved = Path(root).resolve(), path.resolve()
+        except (OSError, RuntimeError):  # a loop of symbolic links
+            reason = "cannot be resolved (a loop of symbolic links)"
+        else:
+            if resolved == base:
+                reason = "names the folder itself"
+            elif base not in resolved.parents:
+                reason = f"leads through a symbolic link to {resolved}"
+    if reason is not None:
+        kind = "a relative path of plain names" if nested else "a plain file name"
+        raise error(f"{what} {text!r} {reason}: give {kind}, for a place inside {root}.")
+    return path

@@ -66,9 +66,16 @@ def _split_args(args: list[str]) -> tuple[Path, list[str]]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Log to stderr. Under a multi-process launch only the main process (``RANK`` 0) logs, so each line
+    appears once; with ``-v`` every process logs, its lines tagged ``[process N]``."""
+    import os
+
+    rank, several = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.ERROR
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level,
+        format=(f"[process {rank}] " if several and verbose else "")
+        + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     for noisy in (
@@ -93,6 +100,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = train(config)
     if result.interrupted:
+        from sparsealign.train.distributed import earlier_failure
+
+        failed = earlier_failure()  # stopped by the launcher because another process failed: it reported
+        if failed is not None:
+            return failed
         print(
             f"Interrupted at step {result.steps}; a checkpoint is in {result.output_dir}/checkpoints. "
             "Continue with train.resume=auto.",
@@ -109,22 +121,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def launch_command(
-    nproc: int, train_args: list[str], gpus: int, verbose: bool = False
+    nproc: int, train_args: list[str], gpus: int, verbose: bool = False, config: str = "ddp"
 ) -> tuple[list[str], dict]:
     """``sparsealign train --nproc N``: the ``accelerate launch`` command line and the environment variables
     to add, for ``N`` processes on this machine (``gpus``: its GPU count).
 
     With GPUs, one process per GPU, through the shipped ``ddp.yaml`` (so a default config saved by
-    ``accelerate config`` does not change the run); without, ``N`` CPU processes: ``ACCELERATE_USE_CPU=1``
+    ``accelerate config`` does not change the run) or ``config`` (``--accelerate-config``: a shipped config's
+    name, ``fsdp``, ``deepspeed-zero2``, ..., or a file); without, ``N`` CPU processes: ``ACCELERATE_USE_CPU=1``
     with the same multi-process launcher (accelerate's ``--cpu`` alone needs MPI). A free port is picked
     so that two runs on one machine do not collide.
     """
     from sparsealign.errors import TrainingError
 
+    config_file = RECIPES_DIR / "accelerate" / f"{config}.yaml"
+    if not config_file.is_file():
+        config_file = Path(config).expanduser()
+    if not config_file.is_file():
+        shipped = ", ".join(sorted(p.stem for p in (RECIPES_DIR / "accelerate").glob("*.yaml")))
+        raise TrainingError(f"--accelerate-config {config}: no such file, nor a shipped config ({shipped}).")
     if nproc < 1:
         raise TrainingError(f"--nproc must be at least 1, not {nproc}")
     if gpus and nproc > gpus:
         raise TrainingError(f"--nproc {nproc}, but this machine has {gpus} GPU(s): use at most {gpus}.")
+    if not gpus:  # accelerate runs CPU processes as MULTI_CPU (DDP) whatever the config asks for
+        from sparsealign.train.distributed import config_engine, refuse_engine
+
+        refuse_engine(config_engine(config_file), "MULTI_CPU", "cpu")
     import socket
 
     with socket.socket() as probe:
@@ -135,7 +158,7 @@ def launch_command(
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(RECIPES_DIR / "accelerate" / "ddp.yaml"),
+        str(config_file),
         "--num_processes",
         str(nproc),
         "--main_process_port",
@@ -150,17 +173,23 @@ def launch_command(
 
 
 def _cmd_train_maybe_launched(args: argparse.Namespace) -> int:
-    """``train`` as is, or with ``--nproc N`` (N > 1) re-executed under ``accelerate launch``."""
+    """``train`` as is, or with ``--nproc N`` (N > 1) under ``accelerate launch``, run in this process: when
+    one process fails, torchrun stops the others, the failed one has printed its error (once:
+    :func:`_report_error`) and this returns its exit status, without a launcher traceback."""
     if args.nproc is None or args.nproc == 1:
-        return _cmd_train(args)
-    import os
+        if args.accelerate_config is not None:
+            from sparsealign.errors import TrainingError
 
+            raise TrainingError("--accelerate-config needs --nproc N (N > 1): it configures the launch.")
+        return _cmd_train(args)
     import torch
 
-    argv, env = launch_command(args.nproc, args.args, torch.cuda.device_count(), args.verbose)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, {**os.environ, **env})  # replaces this process; does not return
+    from sparsealign.train.distributed import run_launcher
+
+    config = args.accelerate_config or "ddp"
+    argv, env = launch_command(args.nproc, args.args, torch.cuda.device_count(), args.verbose, config)
+    launch_args = argv[argv.index("accelerate.commands.launch") + 1 :]
+    return run_launcher(launch_args, env, args.nproc, args.verbose)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -293,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train with N processes on this machine through `accelerate launch` (one per GPU; without GPUs, "
         "N CPU processes). Without it: one process.",
     )
+    train.add_argument(
+        "--accelerate-config",
+        metavar="NAME|FILE",
+        help="With --nproc: the accelerate config of the launch, a shipped one (ddp, fsdp, deepspeed-zero2, "
+        "deepspeed-zero3; `sparsealign recipes` shows where) or a file. Default: ddp.",
+    )
     train.set_defaults(func=_cmd_train_maybe_launched)
     config = sub.add_parser("config", help=COMMANDS["config"], description=COMMANDS["config"])
     config.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]", help=RECIPE_HELP)
@@ -369,8 +404,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as error:
+        return _report_error(error, 2)
+    except Exception as error:
+        from sparsealign.train.distributed import is_launched
+
+        if not is_launched():
+            raise  # one process: Python's own traceback
+        return _report_error(error, 1)
+
+
+def _report_error(error: Exception, status: int) -> int:
+    """Print ``error`` (a user error as one line, another as its traceback) and return ``status``. Under a
+    multi-process launch only the first process to fail prints; the others, whose errors follow from it (a
+    connection closed by the dead process, the launcher's SIGTERM), return its status quietly."""
+    from sparsealign.errors import USER_ERRORS
+    from sparsealign.train.distributed import claim_failure
+
+    first = claim_failure(status)
+    if first is not None:
+        logging.getLogger("sparsealign.cli").debug("stopped after another process failed: %r", error)
+        return first
+    if isinstance(error, USER_ERRORS):
         print(f"error: {error}", file=sys.stderr)
-        return 2
+    else:
+        import traceback
+
+        traceback.print_exception(error)
+    return status
 
 
 if __name__ == "__main__":

@@ -9,12 +9,21 @@ path can gather exactly those positions and never touches prompt or padding logi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 
 from sparsealign.data.examples import TokenizedPair
+from sparsealign.data.packing import Packing, pack
 from sparsealign.errors import DataError
+
+PackingMode = Literal["auto"] | bool
+"""``train.packing``: always pack the forward's rows, never, or (``"auto"``) when it saves enough."""
+
+PACK_BELOW = 0.85
+"""``train.packing=auto`` packs a batch when the packed forward computes at most this fraction of the padded
+one's positions: below that the positions saved outweigh packing's costs (wider attention, the gather)."""
 
 
 @dataclass
@@ -28,6 +37,8 @@ class Batch:
     (one concatenated forward), with ``num_pairs = B``; for unpaired data ``num_pairs = 0``.
     ``labels``: binary feedback (bool ``[B]``, desirable or not) of a batch of labelled items, whose rows are
     the chosen rows alone; None for preference pairs.
+    ``packing``: when set, the forward runs on these packed rows instead of the padded ones
+    (:mod:`sparsealign.data.packing`); everything else keeps the padded layout.
     """
 
     input_ids: torch.Tensor
@@ -38,15 +49,57 @@ class Batch:
     response_mask: torch.Tensor
     num_pairs: int = 0
     labels: torch.Tensor | None = None
+    packing: Packing | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
             f.name: getattr(self, f.name).to(device)
-            if isinstance(getattr(self, f.name), torch.Tensor)
+            if isinstance(getattr(self, f.name), (torch.Tensor, Packing))
             else getattr(self, f.name)
             for f in fields(self)
         }
         return Batch(**moved)
+
+    def packed(self, width: int | None = None) -> Batch:
+        """This batch with its forward on packed rows (:func:`sparsealign.data.packing.pack`)."""
+        return replace(self, packing=pack(self.input_ids, self.attention_mask, width))
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of the decoder's forward: the padded rows with their attention mask, or the packed
+        rows with their position ids and no mask (transformers then masks attention per packed sequence)."""
+        if self.packing is None:
+            return {
+                "input_ids": self.input_ids,
+                "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids,
+            }
+        return {
+            "input_ids": self.packing.input_ids,
+            "attention_mask": None,
+            "position_ids": self.packing.position_ids,
+        }
+
+    @property
+    def forward_shape(self) -> tuple[int, int]:
+        """``(rows, positions)`` of the tensors the forward produces: ``[N, L]`` padded, ``[R, C]`` packed."""
+        ids = self.input_ids if self.packing is None else self.packing.input_ids
+        return ids.shape[0], ids.shape[1]
+
+    def forward_positions(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where padded columns ``index`` (``[N, T]``) of each row are in the forward's tensors: ``(rows [N],
+        columns [N, T])``, the padded rows themselves or where packing put them (padding columns are clamped
+        into range; nothing reads them)."""
+        if self.packing is None:
+            return torch.arange(index.shape[0], device=index.device), index
+        packing = self.packing
+        columns = index + packing.shift.to(index.device).unsqueeze(1)
+        return packing.row.to(index.device), columns.clamp(0, packing.input_ids.shape[1] - 1)
+
+    def gather(self, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``out[n, t] = value[row of n, column of index[n, t]]`` for a forward output ``value`` (``[rows,
+        positions, ...]``) and padded columns ``index`` (``[N, T]``, e.g. ``response_index``). Differentiable."""
+        rows, columns = self.forward_positions(index.to(value.device))
+        return value[rows.unsqueeze(1), columns]
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +148,16 @@ def collate_sequences(
     )
 
 
+def apply_packing(batch: Batch, packing: PackingMode) -> Batch:
+    """``batch`` with its forward packed (:meth:`Batch.packed`) under ``packing`` (``train.packing``)."""
+    if packing is False:
+        return batch
+    packed = batch.packed()
+    if packing is True or packed.packing.num_positions <= PACK_BELOW * batch.input_ids.numel():
+        return packed
+    return batch
+
+
 def pair_labels(pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
     """The labels of binary-feedback items as a bool ``[B]`` tensor; None for preference pairs. A batch that
     mixes the two raises :class:`DataError`."""
@@ -113,13 +176,17 @@ def pair_labels(pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
 
 
 def collate_pairs(
-    pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right", chosen_only: bool = False
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    padding_side: str = "right",
+    chosen_only: bool = False,
+    packing: PackingMode = False,
 ) -> Batch:
     """Concatenate chosen rows then rejected rows into one batch (one forward for both).
 
     ``chosen_only`` keeps the chosen rows alone, for methods that train on them only (SFT). Binary-feedback
     items (pairs with a ``label``) always give their chosen row (the completion) alone, and their labels
-    as ``Batch.labels``.
+    as ``Batch.labels``. ``packing``: see :func:`apply_packing`.
     """
     labels = pair_labels(pairs)
     prompts = [p.prompt_ids for p in pairs]
@@ -128,14 +195,17 @@ def collate_pairs(
         prompts, responses = prompts * 2, responses + [p.rejected_ids for p in pairs]
     batch = collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))
     batch.labels = labels
-    return batch
+    return apply_packing(batch, packing)
 
 
-def collate_mismatched(pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
+def collate_mismatched(
+    pairs: Sequence[TokenizedPair], pad_id: int, padding_side: str = "right", packing: PackingMode = False
+) -> Batch:
     """KTO's reference-point rows, laid out as :func:`collate_pairs` lays out the pairs: rows ``[0, B)``
     continue each pair's prompt with the mismatched response of its chosen row, rows ``[B, 2B)`` with the
     one of its rejected row (``mismatched_ids``); ``num_pairs = B``. Binary-feedback items (as in
-    :func:`collate_pairs`) give rows ``[0, B)`` only: each item's one mismatched response."""
+    :func:`collate_pairs`) give rows ``[0, B)`` only: each item's one mismatched response. ``packing``: see
+    :func:`apply_packing`."""
     if any(p.mismatched_ids is None for p in pairs):
         raise ValueError(
             "these pairs have no mismatched responses (data.mismatched.with_mismatched_responses)"
@@ -144,4 +214,5 @@ def collate_mismatched(pairs: Sequence[TokenizedPair], pad_id: int, padding_side
     responses = [p.mismatched_ids[0] for p in pairs]
     if pair_labels(pairs) is None:
         prompts, responses = prompts * 2, responses + [p.mismatched_ids[1] for p in pairs]
-    return collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))
+    batch = collate_sequences(prompts, responses, pad_id, padding_side, num_pairs=len(pairs))
+    return apply_packing(batch, packing)

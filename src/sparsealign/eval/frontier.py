@@ -38,7 +38,7 @@ from typing import Any
 
 from sparsealign.config import Config, to_dict
 from sparsealign.errors import ConfigError
-from sparsealign.io import atomic_write
+from sparsealign.io import atomic_write, inside
 
 # ``sparsealign.methods`` and ``sparsealign.recipes.load`` (which import torch) are imported inside the
 # functions that use them, so that the command line can read this module's settings for its help at once.
@@ -197,7 +197,9 @@ def expand_grid(
     :data:`BETA_FACTORS` (:data:`QUICK_BETA_FACTORS` with ``quick``) of its recipe's β. Each cell's
     overrides, in order (a later one wins): :data:`QUICK_OVERRIDES` with ``quick``, :data:`CELL_OVERRIDES`,
     the user's ``overrides``, the shared reference cache when the recipe uses one, the β option and
-    ``output_dir=DIR/runs/<method>-beta<β>``."""
+    ``output_dir=DIR/runs/<method>-beta<β>``. A method name is part of file names inside ``DIR``, so one
+    that could lead outside it (``/``, ``..``, a symbolic link to elsewhere) is a :class:`ConfigError`
+    (:func:`sparsealign.io.inside`)."""
     from sparsealign.recipes.load import load_config
 
     betas = betas or {}
@@ -207,6 +209,8 @@ def expand_grid(
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {','.join(methods)}.")
     out = Path(out_dir)
+    for method in methods:  # part of every cell's folder and marker name: refused before anything is loaded
+        inside(out / "runs", method, "method name (--methods)", error=ConfigError)
     base = [*(QUICK_OVERRIDES if quick else ()), *CELL_OVERRIDES, *overrides]
     cells = []
     for method in methods:
@@ -222,9 +226,11 @@ def expand_grid(
         if config.reference.cache is not None and not any(
             o.startswith("reference.cache=") for o in overrides
         ):
-            shared = [f"reference.cache={out / 'reference-cache' / f'{method}-{reference_key(config)}'}"]
+            name = f"{method}-{reference_key(config)}"
+            cache = inside(out / "reference-cache", name, "reference cache name", error=ConfigError)
+            shared = [f"reference.cache={cache}"]
         for beta in chosen:
-            run_dir = out / "runs" / cell_name(method, beta)
+            run_dir = inside(out / "runs", cell_name(method, beta), "cell name", error=ConfigError)
             cell_overrides = (*base, *shared, f"method.{key}={beta!r}", f"output_dir={run_dir}")
             cells.append(Cell(method, float(beta), recipe, cell_overrides, run_dir))
     return cells
@@ -281,7 +287,7 @@ def comparable(tree: dict[str, Any]) -> dict[str, Any]:
 def marker_path(cell: Cell) -> Path:
     """``DIR/cells/<cell>.json``: the cell's requested config and whether it finished (outside the run
     folder, which ``train.overwrite`` may move aside)."""
-    return cell.run_dir.parent.parent / "cells" / f"{cell.name}.json"
+    return inside(cell.run_dir.parent.parent / "cells", f"{cell.name}.json", "cell marker", error=ConfigError)
 
 
 def holds_results(run_dir: Path) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsealign.errors import JudgeError
-from sparsealign.io import atomic_write, cache_root
+from sparsealign.io import atomic_write, cache_root, inside
 
 __all__ = [
     "DEFAULT_KEY_ENV",
@@ -98,7 +98,8 @@ class JudgmentCache:
         return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.json"
+        """``<folder>/<key[:2]>/<key>.json``; a key that would lead outside the folder is refused."""
+        return inside(self.folder, f"{key[:2]}/{key}.json", "judge cache key", nested=True, error=JudgeError)
 
     def get(self, key: str) -> str | None:
         """The cached reply, or ``None`` (also for an unreadable entry, which is then asked again)."""

@@ -657,7 +657,9 @@ def capture_activations(
     taps = {
         p.key: Tap(p.module, "input" if p.pre else "output", p.select) for p in plan if p.module is not None
     }
-    gather = at_positions(batch.response_index, batch.response_mask, length=batch.input_ids.shape[1])
+    num_rows, length = batch.forward_shape
+    rows, columns = batch.forward_positions(batch.response_index)
+    gather = at_positions(columns, batch.response_mask, length=length, rows=rows, num_rows=num_rows)
     groups: dict[str, list[Tensor]] = {}
     with capture(taps, transform=gather) as values:
         yield groups

@@ -167,29 +167,35 @@ def capture(
 
 
 def at_positions(
-    index: Tensor, mask: Tensor | None = None, length: int | None = None
+    index: Tensor,
+    mask: Tensor | None = None,
+    length: int | None = None,
+    rows: Tensor | None = None,
+    num_rows: int | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """A :func:`capture` transform that keeps the rows ``index`` of each ``[N, L, W]`` value: ``[N, T, W]``
-    with ``out[n, t] = value[n, index[n, t]]``, zero where ``mask`` (``[N, T]``) is False.
+    """A :func:`capture` transform that keeps the positions ``index`` of each ``[R, L, W]`` value: ``[N, T, W]``
+    with ``out[n, t] = value[rows[n], index[n, t]]``, zero where ``mask`` (``[N, T]``) is False.
 
-    ``length``: the sequence length ``L`` of the batch, when known; then a value of shape ``[N·L, W]`` is
-    read as ``[N, L, W]`` and any other ``L`` is an error. A value with a batch dimension of 1 (a rotary
-    table shared by all rows) is broadcast to the ``N`` rows. A shape that does not fit raises
+    ``rows`` (``[N]``) and ``num_rows`` (``R``) place each output row in the value's rows (a packed batch,
+    :meth:`sparsealign.data.collate.Batch.forward_positions`); by default row ``n`` is value row ``n`` and
+    ``R = N``. ``length``: the sequence length ``L`` of the forward, when known; then a value of shape
+    ``[R·L, W]`` is read as ``[R, L, W]`` and any other ``L`` is an error. A value with a batch dimension of 1
+    (a rotary table shared by all rows) is broadcast to the ``R`` rows. A shape that does not fit raises
     ``ValueError``. The gather is differentiable (the rows keep their gradient when the capture does not
     detach).
     """
-    rows = index.shape[0]
+    num_rows = num_rows if num_rows is not None else index.shape[0]
     need = int(index.max()) + 1 if index.numel() else 0  # one host sync here, none in the hooks
     keep = None if mask is None else mask.bool()
 
     def gather(value: Tensor) -> Tensor:
-        if value.dim() == 2 and length is not None and value.shape[0] == rows * length:
-            value = value.reshape(rows, length, -1)
-        if value.dim() == 3 and value.shape[0] == 1 and rows > 1:
-            value = value.expand(rows, *value.shape[1:])
-        fits = value.dim() == 3 and value.shape[0] == rows and value.shape[1] >= need
+        if value.dim() == 2 and length is not None and value.shape[0] == num_rows * length:
+            value = value.reshape(num_rows, length, -1)
+        if value.dim() == 3 and value.shape[0] == 1 and num_rows > 1:
+            value = value.expand(num_rows, *value.shape[1:])
+        fits = value.dim() == 3 and value.shape[0] == num_rows and value.shape[1] >= need
         if not fits or (length is not None and value.shape[1] != length):
-            expected = f"[N, L, W] with N = {rows}, " + (
+            expected = f"[R, L, W] with R = {num_rows}, " + (
                 f"L = {length}" if length is not None else f"L >= {need}"
             )
             raise ValueError(
@@ -197,7 +203,8 @@ def at_positions(
                 "come from); run exactly that batch inside the capture"
             )
         position = index.to(value.device)
-        picked = value[torch.arange(rows, device=value.device).unsqueeze(1), position]
+        row = torch.arange(position.shape[0]) if rows is None else rows
+        picked = value[row.to(value.device).unsqueeze(1), position]
         if keep is None:
             return picked
         on = keep.to(value.device).unsqueeze(-1)

@@ -17,6 +17,7 @@ All outputs are response-aligned ``[N, T]`` (``[N, T, d]`` for hidden states), z
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsealign.data.collate import Batch
+from sparsealign.data.collate import Batch, PackingMode, collate_sequences
+from sparsealign.errors import TrainingError
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -212,17 +214,10 @@ class TokenModel(nn.Module):
         decoder = lm.get_decoder()
         probe = self.features.capture(lm) if self.features is not None else contextlib.nullcontext({})
         with probe as captured:
-            out = decoder(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                output_hidden_states=bool(layers),
-                use_cache=False,
-            )
+            out = decoder(**batch.model_inputs(), output_hidden_states=bool(layers), use_cache=False)
         features = self.features.pooled(captured["activations"], batch) if self.features is not None else None
-        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device).unsqueeze(1)
         mask = batch.response_mask
-        hidden = out.last_hidden_state[rows, batch.response_index][mask]  # [M, d]
+        hidden = batch.gather(out.last_hidden_state, batch.response_index)[mask]  # [M, d]
         targets = batch.response_ids[mask]
         ref = None
         if reference_head is not None:
@@ -249,6 +244,45 @@ class TokenModel(nn.Module):
 
     @staticmethod
     def _layers(out: Any, batch: Batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device).unsqueeze(1)
         mask = batch.response_mask.unsqueeze(-1)
-        return {i: out.hidden_states[i][rows, batch.response_index] * mask for i in layers}
+        return {i: batch.gather(out.hidden_states[i], batch.response_index) * mask for i in layers}
+
+
+def packing_is_exact(model: nn.Module) -> bool:
+    """Whether ``model``'s packed forward (:meth:`Batch.packed`) equals its padded one: two sequences (6 and 4
+    tokens) run padded and packed into one row; the final hidden states of the second must agree to 1e-3 of
+    their scale (2e-2 in a half dtype). A model that ignores the position ids when masking attention (so
+    that the second sequence sees the first) fails."""
+    lm = unwrap_causal_lm(model)
+    vocab = lm.config.vocab_size
+    prompts = [[(7 * i + 3) % vocab for i in range(1, 4)], [(11 * i + 5) % vocab for i in range(1, 3)]]
+    responses = [[(13 * i + 1) % vocab for i in range(1, 4)], [(17 * i + 2) % vocab for i in range(1, 3)]]
+    device = next(lm.parameters()).device
+    batch = collate_sequences(prompts, responses, pad_id=0).to(device)
+    tokens = TokenModel(model)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = tokens(batch, head=False).head_inputs.float()
+            packed = tokens(batch.packed(width=10), head=False).head_inputs.float()
+    finally:
+        model.train(training)
+    half = next(lm.parameters()).dtype in (torch.float16, torch.bfloat16)
+    scale = padded.abs().max().clamp_min(1e-6)
+    return bool(((packed - padded).abs().max() / scale) <= (2e-2 if half else 1e-3))
+
+
+def resolve_packing(mode: PackingMode, model: nn.Module) -> PackingMode:
+    """``train.packing`` for ``model``: unchanged when its packed forward is exact (:func:`packing_is_exact`);
+    otherwise ``False`` for ``auto`` (logged) and a :class:`TrainingError` for ``true``."""
+    if mode is False or packing_is_exact(model):
+        return mode
+    name = type(unwrap_causal_lm(model)).__name__
+    if mode is True:
+        raise TrainingError(
+            f"train.packing=true, but {name}'s packed forward differs from its padded one (its attention mask "
+            "ignores the position ids of packed sequences): set train.packing=false or auto."
+        )
+    logging.getLogger(__name__).info("%s: packed forwards are not exact; training on padded batches", name)
+    return False

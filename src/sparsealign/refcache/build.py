@@ -14,7 +14,7 @@ import torch
 from sparsealign.data.collate import collate_mismatched, collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.errors import CacheError
-from sparsealign.models.logprobs import TokenModel
+from sparsealign.models.logprobs import TokenModel, resolve_packing
 from sparsealign.refcache.identity import run_identity
 from sparsealign.refcache.store import (
     SPLITS,
@@ -79,16 +79,17 @@ def reference_entries(
     size = cfg.reference.batch_size
     top_k = cfg.reference.feature_top_k
     with bundle.reference_model() as reference:
+        packing = resolve_packing(cfg.train.packing, reference)
         tokens = TokenModel(reference, cfg.train.logprob_chunk, features=probe)
         plain = TokenModel(reference, cfg.train.logprob_chunk)  # KTO's mismatched rows need no SAE codes
         for start in range(0, len(indices), size):
             chunk = list(indices[start : start + size])
             items = [pairs[i] for i in chunk]
-            batch = collate_pairs(items, pad, cfg.data.padding_side).to(device)
+            batch = collate_pairs(items, pad, cfg.data.padding_side, packing=packing).to(device)
             out = tokens(batch)
             mm = rows = None
             if items[0].mismatched_ids is not None:  # KTO: each prompt continued by its mismatched responses
-                rows = collate_mismatched(items, pad, cfg.data.padding_side).to(device)
+                rows = collate_mismatched(items, pad, cfg.data.padding_side, packing).to(device)
                 mm = plain(rows)
             b = len(items)
             paired = batch.input_ids.shape[0] == 2 * b  # binary feedback: the completions' rows alone

@@ -95,8 +95,7 @@ class FeatureProbe(nn.Module):
     def pooled(self, activations: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Masked mean over each response of the SAE codes at :meth:`position_index`: ``[N, d_sae]``,
         float32."""
-        rows = torch.arange(activations.shape[0], device=activations.device).unsqueeze(1)
-        at_positions = activations[rows, self.position_index(batch).to(activations.device)]  # [N, T, d]
+        at_positions = batch.gather(activations, self.position_index(batch))  # [N, T, d]
         codes = self.sae.encode(at_positions)
         return pool_features(codes.float(), batch.response_mask.to(codes.device))
 

@@ -42,7 +42,7 @@ from sparsealign.models.loading import (
     load_reference,
     save_final,
 )
-from sparsealign.models.logprobs import TokenModel, unwrap_causal_lm
+from sparsealign.models.logprobs import TokenModel, resolve_packing, unwrap_causal_lm
 from sparsealign.refcache import ReferenceCache, prepare_reference_cache
 from sparsealign.train.batches import BatchPlan, shard
 from sparsealign.train.callbacks import Callbacks
@@ -56,6 +56,7 @@ from sparsealign.train.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
+from sparsealign.train.distributed import check_engine
 from sparsealign.train.model_card import write_model_card
 from sparsealign.train.precision import (
     Precision,
@@ -203,9 +204,9 @@ def evaluate_loss(
     policy.eval()
     with torch.no_grad():
         for items, counted in batches:
-            batch = collate_pairs(items, pad, cfg.data.padding_side, method.rows == "chosen").to(
-                accelerator.device
-            )
+            batch = collate_pairs(
+                items, pad, cfg.data.padding_side, method.rows == "chosen", cfg.train.packing
+            ).to(accelerator.device)
             out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, cache))
             records.append((len(items) if counted else 0, {"loss": out.loss, **out.metrics}))
     return {f"eval/{k}": v for k, v in _mean_metrics(records, accelerator, accelerator.device).items()}
@@ -355,6 +356,7 @@ def build(cfg: Config) -> Session:
         log_with=tracker,
         project_dir=str(output_dir),
     )
+    check_engine(accelerator.distributed_type.value, accelerator.device.type)  # e.g. FSDP on CPU
     lock = _claim(cfg, accelerator)
     try:
         session = _build(cfg, accelerator, tracker, started, precision)
@@ -397,6 +399,7 @@ def _build(
     apply_precision(bundle, precision, cfg.model.dtype)  # float32 master weights in the mixed modes
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(bundle.policy)
+    cfg.train.packing = resolve_packing(cfg.train.packing, bundle.policy)  # config.yaml keeps what was asked
     with accelerator.main_process_first():
         data: PreparedData = prepare_method_data(cfg, method, bundle, accelerator.is_main_process)
     plan = BatchPlan(
@@ -444,7 +447,11 @@ def _build(
     elif accelerator.is_main_process and metrics_path.exists():
         metrics_path.unlink()
     if tracker:
-        accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config_tree.items()})
+        accelerator.init_trackers(
+            output_dir.resolve().name or "run",  # the run's own folder name, even for ``runs/x/..``
+            config={k: str(v) for k, v in config_tree.items()},
+            init_kwargs={"wandb": {"dir": str(output_dir)}},  # W&B's files inside the run, not the cwd
+        )
     log = MetricsLog(metrics_path, accelerator, started, state.elapsed_s)
     return Session(
         cfg=cfg,
@@ -564,9 +571,9 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
             for indices in micro:
                 items = [data.train[j] for j in indices]
                 origins += [item.origin for item in items]
-                batch = collate_pairs(items, pad, cfg.data.padding_side, method.rows == "chosen").to(
-                    accelerator.device
-                )
+                batch = collate_pairs(
+                    items, pad, cfg.data.padding_side, method.rows == "chosen", cfg.train.packing
+                ).to(accelerator.device)
                 with accelerator.accumulate(policy):  # syncs gradients and steps only on the last micro-batch
                     out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, cache))
                     finite &= torch.isfinite(out.loss.detach()).all()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sparsealign.config import Config
-from sparsealign.data.collate import Batch, collate_mismatched
+from sparsealign.data.collate import Batch, PackingMode, collate_mismatched
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.data.prepare import PreparedData, prepare_data
 from sparsealign.losses import LossOutput
@@ -37,8 +37,9 @@ from sparsealign.train.precision import Precision, precision_of, upcast
 @dataclass
 class StepInputs:
     """Everything a step reads besides the policy: the method and its options, the batch and the pairs it
-    was collated from (the cache is keyed by pairs), the models, the reference cache and the training
-    precision (None: the forwards run in the weights' dtype, as ``fp32``)."""
+    was collated from (the cache is keyed by pairs), the models, the reference cache, the training
+    precision (None: the forwards run in the weights' dtype, as ``fp32``) and ``train.packing`` (for the rows
+    a step collates itself)."""
 
     method: Method
     options: Any
@@ -48,6 +49,7 @@ class StepInputs:
     cache: ReferenceCache | None = None
     padding_side: str = "right"
     precision: Precision | None = None
+    packing: PackingMode = False
 
 
 @dataclass
@@ -121,7 +123,9 @@ def mismatched_outputs(policy: torch.nn.Module, inputs: StepInputs) -> tuple[Tok
             "mismatched rows need the pairs the batch was collated from, prepared with their mismatched responses"
         )
     pad = inputs.bundle.tokenizer.pad_token_id
-    rows = collate_mismatched(pairs, pad, inputs.padding_side).to(inputs.batch.input_ids.device)
+    rows = collate_mismatched(pairs, pad, inputs.padding_side, inputs.packing).to(
+        inputs.batch.input_ids.device
+    )
     with torch.no_grad():
         if inputs.cache is not None:
             reference = inputs.cache.mismatched_outputs(pairs, rows)
@@ -195,7 +199,9 @@ def step_inputs(
 ) -> StepInputs:
     """The :class:`StepInputs` of one batch under ``cfg`` (its precision on the batch's device)."""
     precision = precision_of(cfg, batch.input_ids.device)
-    return StepInputs(method, cfg.method, batch, pairs, bundle, cache, cfg.data.padding_side, precision)
+    return StepInputs(
+        method, cfg.method, batch, pairs, bundle, cache, cfg.data.padding_side, precision, cfg.train.packing
+    )
 
 
 def prepare_method_data(
