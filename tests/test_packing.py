@@ -22,7 +22,7 @@ from sparsealign.sae import SparseAutoencoder
 from sparsealign.sae.probe import FeatureProbe
 from sparsealign.train.loop import build
 from sparsealign.train.step import compute_loss, step_inputs
-from tests.tiny_models import VOCAB, random_pairs, tiny_gpt2, tiny_llama
+from tiny_models import VOCAB, random_pairs, tiny_gpt2, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ path can gather exactly those positions and never touches prompt or padding logi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal
@@ -39,6 +40,10 @@ class Batch:
     the chosen rows alone; None for preference pairs.
     ``packing``: when set, the forward runs on these packed rows instead of the padded ones
     (:mod:`sparsealign.data.packing`); everything else keeps the padded layout.
+    Counted on the host at collation, so that the step never waits on the device for them:
+    ``response_flat`` (``[M]``, where the ``M`` real response tokens are in the flattened ``[N·T]``),
+    ``response_offsets`` (``N + 1`` running totals of real response tokens per row) and ``num_tokens`` (real
+    tokens, prompts included).
     """
 
     input_ids: torch.Tensor
@@ -50,6 +55,9 @@ class Batch:
     num_pairs: int = 0
     labels: torch.Tensor | None = None
     packing: Packing | None = None
+    response_flat: torch.Tensor | None = None
+    response_offsets: tuple[int, ...] = ()
+    num_tokens: int = 0
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -101,11 +109,6 @@ class Batch:
         rows, columns = self.forward_positions(index.to(value.device))
         return value[rows.unsqueeze(1), columns]
 
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) tokens in the batch, prompt included."""
-        return int(self.attention_mask.sum())
-
 
 def collate_sequences(
     prompts: Sequence[Sequence[int]],
@@ -143,8 +146,18 @@ def collate_sequences(
             response_ids[i, :r] = torch.tensor(list(response), dtype=torch.long)
             response_mask[i, :r] = True
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0) * attention_mask  # padding at 0
+    counts = [len(r) for r in responses]
     return Batch(
-        input_ids, attention_mask, position_ids, response_index, response_ids, response_mask, num_pairs
+        input_ids,
+        attention_mask,
+        position_ids,
+        response_index,
+        response_ids,
+        response_mask,
+        num_pairs,
+        response_flat=response_mask.flatten().nonzero().squeeze(1),
+        response_offsets=tuple(itertools.accumulate(counts, initial=0)),
+        num_tokens=sum(len(row) for row in rows),
     )
 
 

@@ -185,7 +185,8 @@ def at_positions(
     detach).
     """
     num_rows = num_rows if num_rows is not None else index.shape[0]
-    need = int(index.max()) + 1 if index.numel() else 0  # one host sync here, none in the hooks
+    # the shortest value that holds every index: a wait on the device to find it, only when L is not given
+    need = length if length is not None else (int(index.max()) + 1 if index.numel() else 0)
     keep = None if mask is None else mask.bool()
 
     def gather(value: Tensor) -> Tensor:

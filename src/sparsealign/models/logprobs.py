@@ -58,6 +58,7 @@ class TokenOutputs:
     extra: Any = None
     features: torch.Tensor | None = None
     reference_logps: torch.Tensor | None = None
+    offsets: tuple[int, ...] = ()
 
     def chosen(self, num_pairs: int) -> TokenOutputs:
         return self._rows(slice(0, num_pairs))
@@ -66,8 +67,10 @@ class TokenOutputs:
         return self._rows(slice(num_pairs, 2 * num_pairs))
 
     def _rows(self, rows: slice) -> TokenOutputs:
-        start = int(self.mask[: rows.start].sum())
-        stop = int(self.mask[: rows.stop].sum())
+        if self.offsets:  # counted on the host at collation: no wait on the device
+            start, stop = self.offsets[rows.start], self.offsets[rows.stop]
+        else:
+            start, stop = int(self.mask[: rows.start].sum()), int(self.mask[: rows.stop].sum())
         return TokenOutputs(
             logps=None if self.logps is None else self.logps[rows],
             mask=self.mask[rows],
@@ -76,6 +79,9 @@ class TokenOutputs:
             layers={i: h[rows] for i, h in self.layers.items()},
             features=None if self.features is None else self.features[rows],
             reference_logps=None if self.reference_logps is None else self.reference_logps[rows],
+            offsets=tuple(o - start for o in self.offsets[rows.start : rows.stop + 1])
+            if self.offsets
+            else (),
         )  # ``extra`` (a method module's output) is sliced by the method that knows its shape
 
 
@@ -166,6 +172,15 @@ def chunked_head(
     return (columns[0], columns[1], columns[2]) if reference is not None else (columns[0], None, None)
 
 
+def _real_rows(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The ``[M, ...]`` entries of response-aligned ``[N, T, ...]`` values at the real response tokens, in
+    ``response_mask`` order: an index chosen on the host at collation (no wait on the device for the count, as
+    boolean indexing would), or the mask."""
+    if batch.response_flat is None:
+        return values[batch.response_mask]
+    return values.flatten(0, 1).index_select(0, batch.response_flat.to(values.device))
+
+
 def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Place ``[M]`` values of the real response tokens into a zero ``[N, T]`` tensor."""
     out = values.new_zeros(mask.shape)
@@ -217,8 +232,8 @@ class TokenModel(nn.Module):
             out = decoder(**batch.model_inputs(), output_hidden_states=bool(layers), use_cache=False)
         features = self.features.pooled(captured["activations"], batch) if self.features is not None else None
         mask = batch.response_mask
-        hidden = batch.gather(out.last_hidden_state, batch.response_index)[mask]  # [M, d]
-        targets = batch.response_ids[mask]
+        hidden = _real_rows(batch.gather(out.last_hidden_state, batch.response_index), batch)  # [M, d]
+        targets = _real_rows(batch.response_ids, batch)
         ref = None
         if reference_head is not None:
             if reference is None:
@@ -226,7 +241,11 @@ class TokenModel(nn.Module):
             ref = (reference_head, reference.head_inputs)
         if not head:
             return TokenOutputs(
-                logps=None, mask=mask, head_inputs=hidden, layers=self._layers(out, batch, layers)
+                logps=None,
+                mask=mask,
+                head_inputs=hidden,
+                layers=self._layers(out, batch, layers),
+                offsets=batch.response_offsets,
             )
         logp, kl, ref_logp = chunked_head(output_head(self.model), hidden, targets, self.chunk, ref)
         outputs = TokenOutputs(
@@ -237,6 +256,7 @@ class TokenModel(nn.Module):
             layers=self._layers(out, batch, layers),
             features=features,
             reference_logps=None if ref_logp is None else _scatter(ref_logp, mask),
+            offsets=batch.response_offsets,
         )
         if self.extra is not None and run_extra:
             outputs.extra = self.extra(outputs, reference)

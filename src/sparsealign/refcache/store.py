@@ -220,7 +220,7 @@ class ReferenceCache:
         responses = [(split, 2 * row) for split, row in found]
         if batch.num_pairs and mask.shape[0] == 2 * len(found):  # not a chosen-only batch (SFT, KTO's items)
             responses += [(split, 2 * row + 1) for split, row in found]
-        logps = self._logps([split.logps(response) for split, response in responses], mask)
+        logps = self._logps([split.logps(response) for split, response in responses], batch)
         features = None
         if self.d_sae is not None:
             features = torch.zeros(len(responses), self.d_sae, dtype=torch.float32)
@@ -230,7 +230,13 @@ class ReferenceCache:
                 indices, values = split.features(response)
                 features[n, indices] = values
             features = features.to(mask.device)
-        return TokenOutputs(logps=logps, mask=mask, head_inputs=logps.new_zeros(0, 1), features=features)
+        return TokenOutputs(
+            logps=logps,
+            mask=mask,
+            head_inputs=logps.new_zeros(0, 1),
+            features=features,
+            offsets=batch.response_offsets,
+        )
 
     def mismatched_outputs(self, pairs: Sequence[TokenizedPair], batch: Batch) -> TokenOutputs:
         """The reference's log-probs of KTO's mismatched rows of ``pairs``, for ``batch`` (built from
@@ -253,17 +259,28 @@ class ReferenceCache:
             found.append((split, row))
         sides = (0, 1) if batch.response_mask.shape[0] == 2 * len(found) else (0,)  # (0,): labelled items
         rows = [split.mismatched_logps(2 * row + side) for side in sides for split, row in found]
-        logps = self._logps(rows, batch.response_mask)
-        return TokenOutputs(logps=logps, mask=batch.response_mask, head_inputs=logps.new_zeros(0, 1))
+        logps = self._logps(rows, batch)
+        return TokenOutputs(
+            logps=logps,
+            mask=batch.response_mask,
+            head_inputs=logps.new_zeros(0, 1),
+            offsets=batch.response_offsets,
+        )
 
-    def _logps(self, rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """Response-aligned ``[N, T]`` log-probs from one stored 1-D tensor per row of ``mask``."""
+    def _logps(self, rows: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Response-aligned ``[N, T]`` log-probs from one stored 1-D tensor per row of ``batch`` (its response
+        lengths counted on the host, so the step does not wait on the device)."""
+        mask = batch.response_mask
+        offsets = batch.response_offsets
+        lengths = (
+            [b - a for a, b in zip(offsets, offsets[1:], strict=False)] if offsets else mask.sum(1).tolist()
+        )
         logps = torch.zeros(mask.shape, dtype=torch.float32)
         for n, values in enumerate(rows):
-            if len(values) != int(mask[n].sum()):
+            if len(values) != lengths[n]:
                 raise CacheError(
                     f"The reference cache {self.folder} holds {len(values)} log-probs for a response of "
-                    f"{int(mask[n].sum())} tokens: the file is corrupt; rebuild it."
+                    f"{lengths[n]} tokens: the file is corrupt; rebuild it."
                 )
             logps[n, : len(values)] = values
         return logps.to(mask.device)

@@ -29,7 +29,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 
 from sparsealign.config import Config, dump_config, to_dict
-from sparsealign.data.collate import collate_pairs
+from sparsealign.data.collate import Batch, collate_pairs
 from sparsealign.data.examples import TokenizedPair
 from sparsealign.data.prepare import PreparedData
 from sparsealign.errors import RunFolderError, TrainingError
@@ -66,6 +66,7 @@ from sparsealign.train.precision import (
     resolve_precision,
     training_model_config,
 )
+from sparsealign.train.prefetch import Prefetcher
 from sparsealign.train.preflight import check_resume, preflight
 from sparsealign.train.run_folder import RunLock, check_output_dir, claim_run_folder
 from sparsealign.train.schedule import build_scheduler
@@ -560,6 +561,19 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
     window_tokens, window_start = 0, time.perf_counter()
     run_tokens, run_seconds = 0.0, 0.0  # over the logged windows: the session's mean tokens/s
     bad_run = 0  # consecutive skipped steps
+
+    def collate_step(step: int) -> list[tuple[list[TokenizedPair], Batch]]:
+        """This process's micro-batches of optimizer step ``step``, collated on the host."""
+        micro = plan.micro_batches(step, accelerator.process_index)
+        return [
+            (
+                items,
+                collate_pairs(items, pad, cfg.data.padding_side, method.rows == "chosen", cfg.train.packing),
+            )
+            for items in ([data.train[j] for j in indices] for indices in micro)
+        ]
+
+    prefetch = Prefetcher(collate_step, total)  # the next step's batches are collated while this one runs
     try:
         while state.step < total:
             policy.train()
@@ -567,13 +581,10 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
             records = []
             origins: list[str] = []  # the batch's examples, named when the step is skipped
             finite = torch.tensor(True, device=accelerator.device)
-            micro = plan.micro_batches(state.step, accelerator.process_index)
-            for indices in micro:
-                items = [data.train[j] for j in indices]
+            for items, collated in prefetch.get(state.step):
                 origins += [item.origin for item in items]
-                batch = collate_pairs(
-                    items, pad, cfg.data.padding_side, method.rows == "chosen", cfg.train.packing
-                ).to(accelerator.device)
+                window_tokens += collated.num_tokens
+                batch = collated.to(accelerator.device)
                 with accelerator.accumulate(policy):  # syncs gradients and steps only on the last micro-batch
                     out = compute_loss(policy, step_inputs(cfg, method, bundle, batch, items, cache))
                     finite &= torch.isfinite(out.loss.detach()).all()
@@ -586,8 +597,7 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
                     if bad is None:  # a non-finite step is skipped: no update of weights or optimizer state
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                records.append((len(indices), {"loss": out.loss.detach(), **out.metrics}))
-                window_tokens += batch.num_tokens
+                records.append((len(items), {"loss": out.loss.detach(), **out.metrics}))
             scheduler.step()
             state.step += 1
             if bad is not None:
@@ -647,6 +657,8 @@ def _run(session: Session, callbacks: Callbacks, stop: StopOnSignal) -> RunResul
             "interrupted%s at step %d; checkpoint saved; continue with train.resume=auto", how, state.step
         )
         return result(True)
+    finally:
+        prefetch.close()
     if bar is not None:
         bar.close()
     if stopped:  # ends as Ctrl-C does, at a step boundary: checkpoint, no final/

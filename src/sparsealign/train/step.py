@@ -110,8 +110,26 @@ def reference_side(token_model: TokenModel, inputs: StepInputs) -> ReferenceSide
         return None
     if inputs.cache is not None:
         return ReferenceSide(inputs.cache.outputs(inputs.pairs, inputs.batch))
-    with torch.no_grad(), inputs.bundle.reference_model() as ref_model:
-        return reference_forward(ref_model, token_model, inputs)
+    with torch.inference_mode(), inputs.bundle.reference_model() as ref_model:
+        side = reference_forward(ref_model, token_model, inputs)
+    return _ordinary(side)
+
+
+def _ordinary(value: Any) -> Any:
+    """``value`` with each tensor made under ``torch.inference_mode`` cloned into an ordinary tensor (nested in
+    dataclasses, dicts, tuples and lists): autograd may then save it for the backward pass, e.g. the
+    reference's hidden states that feed SparsePO's mask networks. The copies are response-aligned, small next
+    to the forward whose autograd bookkeeping inference mode skips."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return dataclasses.replace(value, **{f.name: _ordinary(getattr(value, f.name)) for f in fields})
+    if isinstance(value, dict):
+        return {k: _ordinary(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_ordinary(v) for v in value)
+    return value
 
 
 def mismatched_outputs(policy: torch.nn.Module, inputs: StepInputs) -> tuple[TokenOutputs, TokenOutputs]:
@@ -126,13 +144,14 @@ def mismatched_outputs(policy: torch.nn.Module, inputs: StepInputs) -> tuple[Tok
     rows = collate_mismatched(pairs, pad, inputs.padding_side, inputs.packing).to(
         inputs.batch.input_ids.device
     )
-    with torch.no_grad():
+    with torch.inference_mode():
         if inputs.cache is not None:
             reference = inputs.cache.mismatched_outputs(pairs, rows)
         else:
             with inputs.bundle.reference_model() as ref_model:
                 reference = TokenModel(ref_model, _token_model(policy).chunk)(rows)
-        return _token_model(policy)(rows, run_extra=False), reference
+        policy_rows = _token_model(policy)(rows, run_extra=False)
+    return _ordinary(policy_rows), _ordinary(reference)
 
 
 def _fill_mismatched(policy: torch.nn.Module, inputs: StepInputs, out: StepOutputs) -> None:
