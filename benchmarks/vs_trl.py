@@ -21,6 +21,11 @@ CPU, ``torch.cuda.max_memory_allocated`` on a GPU; median over repeats), and the
     python benchmarks/vs_trl.py --quick --json out.json          # about 10 minutes on 2 CPU cores
     python benchmarks/vs_trl.py                                  # more repeats and steps
     python benchmarks/vs_trl.py --device cuda --precision bf16-mixed --json gpu.json
+    benchmarks/gpu.sh                                            # the GPU check in one command (a loan)
+
+On a GPU the models include ``llama-1b-random`` (a random 1.2B Llama, Llama-3.2-1B's shape) and the report
+adds model FLOPs utilisation: (6 + 2 for a live reference) x parameters x tokens/s over the card's dense
+bf16 peak (``--peak-tflops``, else looked up from the device name).
 
 Needs TRL, a benchmark-only dependency: ``pip install -e '.[dev,bench]'``.
 """
@@ -46,14 +51,26 @@ sys.path.insert(0, str(HERE))
 
 from vs_trl_check import ProbeMismatch, loss_gap, non_padding_tokens, require_equal  # noqa: E402
 
-MODELS = ("tiny-random-llama", "smollm2-135m-instruct")
+MODELS = ("tiny-random-llama", "smollm2-135m-instruct", "llama-1b-random")
+GPU_ONLY = ("llama-1b-random",)  # a 1.2B model: minutes per step on CPU
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+"""Dense bf16 peak of each card (the vendors' datasheets, no sparsity), matched in the CUDA device name."""
 REFERENCES = ("live", "precomputed")
 TOOLS = ("sparsealign", "trl")
 
 SCHEDULES = {
     # (repeats, warmup steps, timed steps) per model: --quick fits in about 10 minutes on 2 CPU cores
-    "quick": {"tiny-random-llama": (2, 2, 8), "smollm2-135m-instruct": (1, 1, 2)},
-    "full": {"tiny-random-llama": (5, 2, 20), "smollm2-135m-instruct": (3, 1, 3)},
+    "quick": {
+        "tiny-random-llama": (2, 2, 8),
+        "smollm2-135m-instruct": (1, 1, 2),
+        "llama-1b-random": (1, 2, 5),
+    },
+    "full": {
+        "tiny-random-llama": (5, 2, 20),
+        "smollm2-135m-instruct": (3, 1, 3),
+        "llama-1b-random": (3, 2, 10),
+    },
 }
 
 
@@ -61,10 +78,53 @@ SCHEDULES = {
 # Models and data
 
 
+def random_llama_1b(seed: int) -> str:
+    """A randomly initialised Llama of about 1.2B parameters (Llama-3.2-1B's shape: 16 layers, width 2048,
+    MLP 8192, 32 query and 8 key/value heads, tied embeddings) with SmolLM2's tokenizer and vocabulary, saved
+    once under the sparsealign cache. Speed does not depend on the weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sparsealign.io import cache_root
+    from sparsealign.models.builtins import resolve_smollm2
+
+    folder = cache_root() / "models" / f"llama-1b-random-{seed}"
+    if (folder / "model.safetensors").exists():
+        return str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_smollm2())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def parameter_count(folder: str) -> int:
+    """Parameters of the model in ``folder``, from its safetensors headers (tied weights counted once)."""
+    from sparsealign.train.preflight import safetensors_parameters
+
+    return safetensors_parameters(Path(folder))[0]
+
+
 def trl_model_folder(model: str, seed: int) -> str:
     """The folder holding the weights sparsealign trains under ``model`` (with ``train.seed=seed``)."""
     from sparsealign.models.builtins import BUILTIN_MODELS, resolve_smollm2, saved_random_builtin
 
+    if model == "llama-1b-random":
+        return random_llama_1b(seed)
     entry = BUILTIN_MODELS[model]
     if entry.build is not None:
         return str(saved_random_builtin(model, *entry.build(seed)))
@@ -174,7 +234,7 @@ def bench_model(model: str, args: argparse.Namespace, root: Path, log) -> dict[s
                 workdir = root / model / f"{reference}-{tool}-{repeat}"
                 spec = {
                     "tool": tool,
-                    "model": model,
+                    "model": model if model not in GPU_ONLY else folder,  # sparsealign's model.name
                     "model_folder": folder,
                     "data": str(data),
                     "reference": reference,
@@ -234,7 +294,21 @@ def bench_model(model: str, args: argparse.Namespace, root: Path, log) -> dict[s
         entry["tokens_per_s_ratio"] = entry["sparsealign"]["tokens_per_s"] / entry["trl"]["tokens_per_s"]
         entry["peak_memory_ratio"] = entry["sparsealign"]["peak_memory_mb"] / entry["trl"]["peak_memory_mb"]
         out["settings"][reference] = entry
+    if args.device == "cuda":
+        add_mfu(out, parameter_count(folder), args.peak_tflops)
     return out
+
+
+def add_mfu(out: dict[str, Any], parameters: int, peak_tflops: float | None) -> None:
+    """Model FLOPs utilisation of each tool and setting: (6 x parameters for the policy's forward and backward
+    + 2 x parameters for a live reference's forward) x tokens/s, over the card's dense bf16 peak."""
+    out["parameters"] = parameters
+    if peak_tflops is None:
+        return
+    for reference, entry in out["settings"].items():
+        per_token = (6 + (2 if reference == "live" else 0)) * parameters
+        for tool in TOOLS:
+            entry[tool]["mfu"] = per_token * entry[tool]["tokens_per_s"] / (peak_tflops * 1e12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,9 +341,10 @@ def table(results: list[dict[str, Any]], device: str) -> str:
     for model in results:
         for reference, e in model["settings"].items():
             s, t = e["sparsealign"], e["trl"]
+            mfu = f" (MFU {s['mfu']:.0%} vs {t['mfu']:.0%})" if "mfu" in s else ""
             lines.append(
                 f"| {model['model']} | {reference} | {s['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
-                f"**{e['tokens_per_s_ratio']:.2f}x** | {s['peak_memory_mb']:,.0f} MB | "
+                f"**{e['tokens_per_s_ratio']:.2f}x**{mfu} | {s['peak_memory_mb']:,.0f} MB | "
                 f"{t['peak_memory_mb']:,.0f} MB | **{e['peak_memory_ratio']:.2f}x** |"
             )
     return "\n".join(lines)
@@ -292,6 +367,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="Runs per tool and setting (default: per model).")
     parser.add_argument("--warmup", type=int, help="Untimed steps per run, at least 1 (default: per model).")
     parser.add_argument("--steps", type=int, help="Timed steps per run (default: per model).")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="The card's dense bf16 peak for MFU (default: looked up from the CUDA device name).",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--run-timeout", type=float, default=1800, help="Seconds before a run is abandoned.")
     parser.add_argument("--workdir", type=Path, help="Where runs write (default: a temporary folder).")
@@ -301,6 +381,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.precision = "bf16-mixed" if args.device == "cuda" else "fp32"
     if args.device == "cpu" and args.precision != "fp32":
         parser.error("on CPU the comparison runs in fp32 (bf16 has no hardware support on this CPU)")
+    if "--models" not in (argv if argv is not None else sys.argv[1:]):  # the default: what this device runs
+        args.models = [m for m in args.models if args.device == "cuda" or m not in GPU_ONLY]
+    if args.device == "cpu" and any(m in GPU_ONLY for m in args.models):
+        parser.error(f"{', '.join(GPU_ONLY)}: GPU only (--device cuda); use the other models on CPU")
+    if args.device == "cuda" and args.peak_tflops is None and not args.worker:
+        import torch
+
+        name = torch.cuda.get_device_name()
+        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     return args
 
 

@@ -125,3 +125,22 @@ def test_loss_gap_compares_the_steps_both_tools_logged():
     theirs = {"1": 0.6931472, "2": 0.6931003}  # TRL's last line comes after its last step: not recorded
     steps, gap = check.loss_gap(ours, theirs)
     assert steps == 2 and gap == pytest.approx(2e-7, abs=1e-12)
+
+
+def test_mfu_counts_six_flops_per_parameter_and_two_more_for_a_live_reference():
+    import vs_trl
+
+    out = {"settings": {r: {t: {"tokens_per_s": 1000.0} for t in vs_trl.TOOLS} for r in vs_trl.REFERENCES}}
+    vs_trl.add_mfu(out, parameters=10**9, peak_tflops=989.0)
+    # live: (6 + 2) x 1e9 x 1000 / 989e12; precomputed: 6 x 1e9 x 1000 / 989e12
+    assert out["settings"]["live"]["sparsealign"]["mfu"] == pytest.approx(8e12 / 989e12)
+    assert out["settings"]["precomputed"]["trl"]["mfu"] == pytest.approx(6e12 / 989e12)
+    assert out["parameters"] == 10**9
+
+
+def test_the_1b_model_is_refused_on_cpu_and_left_out_by_default():
+    import vs_trl
+
+    assert "llama-1b-random" not in vs_trl.parse_args([]).models
+    with pytest.raises(SystemExit):
+        vs_trl.parse_args(["--models", "llama-1b-random"])
