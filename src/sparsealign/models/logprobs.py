@@ -31,9 +31,13 @@ from sparsealign.errors import TrainingError
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
-CHECKPOINT_MIN_BYTES = 32 * 2**20
+CHECKPOINT_MIN_BYTES = 128 * 2**20
 """Below this size of the float32 head output (rows x vocabulary) the logits are kept for the backward
-pass instead of being recomputed: the memory is negligible and recomputation would only cost time."""
+pass instead of being recomputed: the memory is small next to the model's and recomputation (the head's
+forward again, the reference's too when the token KL is computed) would only cost time. The main job's
+batches (about 380 response tokens x 49,152 = 75 MB) stay under it: keeping them made its SparsePO step 1.13x
+faster on the development CPU (benchmarks/README.md); the vs_trl batch (1,440 x 49,152 = 283 MB) is still
+recomputed."""
 
 
 @dataclass
