@@ -35,6 +35,8 @@ SIMPLE = [
     ("bf16", "false", "train.precision", "fp32"),
     ("bf16", "true", "train.precision", "bf16-mixed"),
     ("overwrite_output_dir", "true", "train.overwrite", True),
+    ("group_by_length", "true", "train.group_by_length", True),
+    ("padding_free", "false", "train.packing", False),
 ]
 
 

@@ -282,6 +282,11 @@ class TrainConfig:
         "(much less activation memory, about a third more step time).",
         default=False,
     )
+    group_by_length: bool = _help(
+        "Sort each optimizer step's examples by length before dealing them into micro-batches (with "
+        "grad_accum > 1 or several processes): less padding, the same examples per step and the same losses.",
+        default=False,
+    )
     packing: Literal["auto"] | bool = _help(
         "Padding-free forwards: the sequences of a micro-batch are packed into fewer rows, each keeping its "
         "own position ids, with attention kept within each sequence (flash/varlen attention where supported, "
@@ -438,6 +443,10 @@ TRL_NAMES: dict[str, TrlName] = {
     "report_to": TrlName("train.tracker", _tracker, "a list uses its first entry"),
     "bf16": TrlName("train.precision", _bf16, "true: bf16-mixed; false: fp32"),
     "overwrite_output_dir": TrlName("train.overwrite", note="true: a used run folder is moved aside"),
+    "group_by_length": TrlName(
+        "train.group_by_length", note="sorts within each optimizer step only, so the losses do not change"
+    ),
+    "padding_free": TrlName("train.packing", note="true: always pack; false: padded rows (default auto)"),
     "max_completion_length": TrlName(
         "data.max_length", _no_completion_cap, "refused: data.max_length caps prompt + response"
     ),

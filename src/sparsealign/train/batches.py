@@ -3,6 +3,15 @@
 The order depends only on the seed and the optimizer step, so resuming at step ``s`` continues with
 exactly the batches the uninterrupted run would have seen, and the same global batch is split the same
 way whatever the number of processes: global batch = ``batch_size x grad_accum x num_processes``.
+
+Length grouping (``train.group_by_length``, with ``lengths``): inside each optimizer step's global batch the
+examples are sorted by length, longest first, before they are dealt into micro-batches, so each micro-batch
+holds similar lengths and pads less. Each step still sees exactly the same examples, and every micro-batch
+has ``batch_size`` of them, so the step's gradient (the mean of the micro-batches' means) is unchanged: the
+losses equal the ungrouped run's (for losses that are means over pairs; SFT with ``sft_normalize=token``
+divides each micro-batch by its own token count, so grouping reweights its micro-batches). It only matters with several micro-batches per step (``grad_accum`` or
+processes); unlike a sort across the epoch (transformers' ``group_by_length``) it never changes which
+examples share an optimizer step.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ class BatchPlan:
     grad_accum: int
     num_processes: int
     seed: int
+    lengths: tuple[int, ...] | None = (
+        None  # per example: group micro-batches by length (see module docstring)
+    )
 
     @property
     def global_batch(self) -> int:
@@ -38,6 +50,9 @@ class BatchPlan:
         epoch, index = self.position(step)
         order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
         chunk = order[index * self.global_batch : (index + 1) * self.global_batch].tolist()
+        if self.lengths is not None:
+            lengths = self.lengths
+            chunk.sort(key=lambda i: -lengths[i])  # stable: ties keep the seeded order
         b, world = self.batch_size, self.num_processes
         return [chunk[(i * world + rank) * b : (i * world + rank + 1) * b] for i in range(self.grad_accum)]
 

@@ -403,8 +403,14 @@ def _build(
     cfg.train.packing = resolve_packing(cfg.train.packing, bundle.policy)  # config.yaml keeps what was asked
     with accelerator.main_process_first():
         data: PreparedData = prepare_method_data(cfg, method, bundle, accelerator.is_main_process)
+    lengths = tuple(len(pair) for pair in data.train) if cfg.train.group_by_length else None
     plan = BatchPlan(
-        len(data.train), cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes, cfg.train.seed
+        len(data.train),
+        cfg.train.batch_size,
+        cfg.train.grad_accum,
+        accelerator.num_processes,
+        cfg.train.seed,
+        lengths,
     )
     if plan.steps_per_epoch == 0:
         raise TrainingError(
