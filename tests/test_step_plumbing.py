@@ -83,3 +83,13 @@ def test_inference_mode_reference_outputs_are_ordinary_and_equal_no_grad():
     (ordinary.layers[1] * weight).sum().backward()  # autograd may save it (an inference tensor may not)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
         (fast.layers[1] * weight).sum().backward()
+
+
+def test_rows_past_the_end_are_empty_as_in_tensor_slicing():
+    """Binary-feedback batches hold the completions' rows alone: their "rejected" rows are empty."""
+    batch = collate_pairs(random_pairs(3, seed=6), pad_id=2, chosen_only=True)
+    out = TokenModel(tiny_llama())(batch)
+    rejected = out.rejected(3)
+    assert rejected.mask.shape[0] == 0 and rejected.head_inputs.shape[0] == 0 and rejected.offsets == (0,)
+    chosen = out.chosen(3)
+    assert chosen.head_inputs.shape[0] == int(batch.response_mask.sum())

@@ -72,7 +72,8 @@ class TokenOutputs:
 
     def _rows(self, rows: slice) -> TokenOutputs:
         if self.offsets:  # counted on the host at collation: no wait on the device
-            start, stop = self.offsets[rows.start], self.offsets[rows.stop]
+            last = len(self.offsets) - 1  # rows past the end are empty, as in tensor slicing (unpaired items)
+            start, stop = self.offsets[min(rows.start, last)], self.offsets[min(rows.stop, last)]
         else:
             start, stop = int(self.mask[: rows.start].sum()), int(self.mask[: rows.stop].sum())
         return TokenOutputs(
