@@ -262,3 +262,35 @@ def test_every_method_packed_step_equals_padded(tmp_path, method):
         torch.testing.assert_close(b.metrics[key], a.metrics[key], atol=2e-5, rtol=1e-4, msg=key)
     for key in grads_a:
         assert_equal_to_scale(grads_b[key], grads_a[key], 1e-5, key)
+
+
+def test_a_packed_run_has_the_padded_run_s_losses(tmp_path):
+    """End to end through the loop (training steps, held-out loss): train.packing=true vs false."""
+    import json
+
+    from sparsealign.train.loop import train
+
+    common = [
+        f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
+        "train.progress=false",
+        "train.max_steps=3",
+        "train.save_every=0",
+        "train.eval_every=3",
+    ]
+    losses = {}
+    for packing in ("true", "false"):
+        folder = tmp_path / packing
+        train(
+            load_config(
+                ROOT / "configs/smoke.yaml", [f"output_dir={folder}", f"train.packing={packing}", *common]
+            )
+        )
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        losses[packing] = [(r["step"], r.get("loss"), r.get("eval/loss")) for r in rows]
+    assert len(losses["true"]) == len(losses["false"]) >= 4
+    for (step_a, loss_a, eval_a), (step_b, loss_b, eval_b) in zip(
+        losses["true"], losses["false"], strict=True
+    ):
+        assert step_a == step_b
+        for a, b in ((loss_a, loss_b), (eval_a, eval_b)):
+            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-5))
