@@ -294,3 +294,39 @@ def test_a_packed_run_has_the_padded_run_s_losses(tmp_path):
         assert step_a == step_b
         for a, b in ((loss_a, loss_b), (eval_a, eval_b)):
             assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-5))
+
+
+@pytest.mark.parametrize("method", ["kto", "fpo"])
+def test_the_reference_cache_built_packed_equals_the_padded_one(tmp_path, method):
+    """The cache builder's forwards (log-probs, KTO's mismatched rows, FPO's SAE codes) packed vs padded."""
+    from safetensors.torch import load_file
+
+    from sparsealign.refcache.store import split_file
+    from sparsealign.train.reference_cache import cache_run
+
+    extra = [f"method.name={method}"]
+    if method == "fpo":
+        extra += ["sae.layer=1", "method.k=8", f"sae.path={_random_sae(tmp_path / 'sae')}"]
+    stored = {}
+    for packing in ("true", "false"):
+        cache = tmp_path / f"cache-{packing}"
+        cfg = load_config(
+            ROOT / "configs/smoke.yaml",
+            [
+                f"output_dir={tmp_path / packing}",
+                f"data.path={ROOT / 'configs/smoke_pairs.jsonl'}",
+                f"reference.cache={cache}",
+                f"train.packing={packing}",
+                *extra,
+            ],
+        )
+        cache_run(cfg)
+        stored[packing] = load_file(str(split_file(cache, "train")))
+    assert stored["true"].keys() == stored["false"].keys()
+    assert any("mismatched" in k for k in stored["true"]) == (method == "kto")
+    for key, want in stored["false"].items():
+        got = stored["true"][key]
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=key)
+        else:
+            assert torch.equal(got, want), key
