@@ -112,13 +112,6 @@ def random_llama_1b(seed: int) -> str:
     return str(folder)
 
 
-def parameter_count(folder: str) -> int:
-    """Parameters of the model in ``folder``, from its safetensors headers (tied weights counted once)."""
-    from sparsealign.train.preflight import safetensors_parameters
-
-    return safetensors_parameters(Path(folder))[0]
-
-
 def trl_model_folder(model: str, seed: int) -> str:
     """The folder holding the weights sparsealign trains under ``model`` (with ``train.seed=seed``)."""
     from sparsealign.models.builtins import BUILTIN_MODELS, resolve_smollm2, saved_random_builtin
@@ -295,7 +288,9 @@ def bench_model(model: str, args: argparse.Namespace, root: Path, log) -> dict[s
         entry["peak_memory_ratio"] = entry["sparsealign"]["peak_memory_mb"] / entry["trl"]["peak_memory_mb"]
         out["settings"][reference] = entry
     if args.device == "cuda":
-        add_mfu(out, parameter_count(folder), args.peak_tflops)
+        from sparsealign.train.preflight import safetensors_parameters  # from the headers
+
+        add_mfu(out, safetensors_parameters(Path(folder))[0], args.peak_tflops)
     return out
 
 

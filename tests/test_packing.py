@@ -18,11 +18,10 @@ from sparsealign.methods import METHODS, Need
 from sparsealign.models.activations import capture_activations
 from sparsealign.models.logprobs import TokenModel, output_head, packing_is_exact, resolve_packing
 from sparsealign.recipes.load import load_config
-from sparsealign.sae import SparseAutoencoder
 from sparsealign.sae.probe import FeatureProbe
 from sparsealign.train.loop import build
 from sparsealign.train.step import compute_loss, step_inputs
-from tiny_models import VOCAB, random_pairs, tiny_gpt2, tiny_llama
+from tiny_models import VOCAB, random_pairs, random_sae, saved_random_sae, tiny_gpt2, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,13 +164,8 @@ def test_packed_activations_and_masks_equal_padded(name, spec):
 
 @pytest.mark.parametrize("positions", ["response", "predicting"])
 def test_packed_sae_features_equal_padded(positions):
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(64, 96, "relu")
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
     model = tiny_llama()
-    probe = FeatureProbe(sae, "resid_post", 1, positions)
+    probe = FeatureProbe(random_sae(), "resid_post", 1, positions)
     tokens = TokenModel(model, features=probe)
     padded = _batch("left", seed=5)
     features = []
@@ -203,16 +197,6 @@ def test_a_model_that_ignores_packed_positions_is_detected(monkeypatch):
 # -- every method's step -------------------------------------------------------------------------------
 
 
-def _random_sae(folder: Path) -> Path:
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(64, 96, "relu")
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    sae.save(folder)
-    return folder
-
-
 EXTRA = {
     "cdpo": ["method.label_smoothing=0.1"],
     "sparsepo-indp-mlp_last": ["method.shared_mask=false", "method.mask_model=mlp_last"],
@@ -226,7 +210,7 @@ def test_every_method_packed_step_equals_padded(tmp_path, method):
     extra = EXTRA.get(method, [])
     name = method.split("-")[0] if method not in METHODS else method
     if Need.SAE_FEATURES in METHODS[name].needs:
-        extra = ["sae.layer=1", "method.k=8", f"sae.path={_random_sae(tmp_path / 'sae')}"]
+        extra = ["sae.layer=1", "method.k=8", f"sae.path={saved_random_sae(tmp_path / 'sae')}"]
     cfg = load_config(
         ROOT / "configs/smoke.yaml",
         [
@@ -306,7 +290,7 @@ def test_the_reference_cache_built_packed_equals_the_padded_one(tmp_path, method
 
     extra = [f"method.name={method}"]
     if method == "fpo":
-        extra += ["sae.layer=1", "method.k=8", f"sae.path={_random_sae(tmp_path / 'sae')}"]
+        extra += ["sae.layer=1", "method.k=8", f"sae.path={saved_random_sae(tmp_path / 'sae')}"]
     stored = {}
     for packing in ("true", "false"):
         cache = tmp_path / f"cache-{packing}"

@@ -23,6 +23,7 @@ from sparsealign.refcache.store import read_header, split_file, write_split
 from sparsealign.train import step
 from sparsealign.train.loop import train
 from sparsealign.train.reference_cache import cache_run
+from tiny_models import saved_random_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs/smoke.yaml"
@@ -44,18 +45,6 @@ def losses(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def _random_sae(folder: Path) -> Path:
-    from sparsealign.sae import SparseAutoencoder
-
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(64, 96, "relu")
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    sae.save(folder)
-    return folder
-
-
 FPO = ("method.name=fpo", "sae.layer=1", "method.k=8")
 CACHE_EXTRA = {"cdpo": ["method.label_smoothing=0.1"]}
 
@@ -64,7 +53,7 @@ CACHE_EXTRA = {"cdpo": ["method.label_smoothing=0.1"]}
 def test_training_from_the_cache_matches_the_live_reference(tmp_path, monkeypatch, method):
     extra = [f"method.name={method}", *CACHE_EXTRA.get(method, ())]
     if Need.SAE_FEATURES in get_method(method).needs:
-        extra = [*FPO, f"sae.path={_random_sae(tmp_path / 'sae')}"]
+        extra = [*FPO, f"sae.path={saved_random_sae(tmp_path / 'sae')}"]
     train(smoke(tmp_path / "live", *extra))
     cache = tmp_path / "cache"
     folder, built = cache_run(smoke(tmp_path / "c", *extra, f"reference.cache={cache}"))
@@ -125,7 +114,7 @@ def test_a_cache_that_does_not_match_is_refused_naming_the_field(tmp_path):
         other.write_text(json.dumps({"prompt": "Hi", "chosen": " good day", "rejected": " bad day"}) + "\n")
         train(smoke(tmp_path / "r3", f"reference.cache={cache}", f"data.path={other}", "train.batch_size=1"))
     with pytest.raises(CacheError, match=r"sae"):  # a DPO cache has no SAE codes for FPO
-        sae = _random_sae(tmp_path / "sae")
+        sae = saved_random_sae(tmp_path / "sae")
         train(smoke(tmp_path / "r4", *FPO, f"sae.path={sae}", f"reference.cache={cache}"))
     with pytest.raises(CacheError, match="up to date|does not match"):
         cache_run(smoke(tmp_path / "c", f"reference.cache={cache}", "data.max_length=100"))
@@ -143,7 +132,7 @@ def test_missing_cache_without_build_says_how_to_build_it(tmp_path):
 
 def test_an_fpo_cache_also_serves_dpo(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    sae = _random_sae(tmp_path / "sae")
+    sae = saved_random_sae(tmp_path / "sae")
     cache_run(smoke(tmp_path / "c", *FPO, f"sae.path={sae}", f"reference.cache={cache}"))
     train(smoke(tmp_path / "live"))
     monkeypatch.setattr(loading, "frozen_copy", lambda *a: pytest.fail("reference copied"))
@@ -156,7 +145,7 @@ def test_an_fpo_cache_also_serves_dpo(tmp_path, monkeypatch):
 
 
 def test_fpo_top_k_cache_equals_the_full_cache_for_the_reference_index_set(tmp_path):
-    sae = _random_sae(tmp_path / "sae")
+    sae = saved_random_sae(tmp_path / "sae")
     args = (*FPO, f"sae.path={sae}", "method.index_set=reference")
     train(smoke(tmp_path / "full", *args, f"reference.cache={tmp_path / 'c1'}"))
     train(smoke(tmp_path / "topk", *args, f"reference.cache={tmp_path / 'c2'}", "reference.feature_top_k=8"))
@@ -380,7 +369,7 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path):
 def test_fpo_pool_positions_reach_the_probe_and_key_the_cache(tmp_path):
     """method.pool_positions=predicting (the released FPO code's positions) pools at the predicting positions,
     trains, and a cache built for one pooling is refused for the other (its features differ)."""
-    sae = _random_sae(tmp_path / "sae")
+    sae = saved_random_sae(tmp_path / "sae")
     cache = tmp_path / "cache"
     predicting = smoke(
         tmp_path / "p",

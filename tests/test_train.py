@@ -16,6 +16,7 @@ from sparsealign.recipes.load import load_config
 from sparsealign.train import loop
 from sparsealign.train.checkpoint import CheckpointError, list_checkpoints
 from sparsealign.train.loop import train
+from tiny_models import saved_random_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs/smoke.yaml"
@@ -263,20 +264,8 @@ def test_mask_networks_train_and_resume(tmp_path, lora):
     )
 
 
-def _random_sae(folder: Path, d_in: int = 64, d_sae: int = 96) -> Path:
-    from sparsealign.sae import SparseAutoencoder
-
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(d_in, d_sae, "relu")
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    sae.save(folder)
-    return folder
-
-
 def test_fpo_trains_with_a_live_reference(tmp_path):
-    sae = _random_sae(tmp_path / "sae")
+    sae = saved_random_sae(tmp_path / "sae")
     result = train(
         smoke(
             tmp_path / "run",
@@ -297,7 +286,7 @@ def test_fpo_trains_with_a_live_reference(tmp_path):
 
 
 def test_fpo_bad_sae_settings_are_clear(tmp_path):
-    sae = _random_sae(tmp_path / "sae")
+    sae = saved_random_sae(tmp_path / "sae")
     from sparsealign.config import ConfigError
     from sparsealign.train.loop import TrainingError
 
@@ -307,7 +296,7 @@ def test_fpo_bad_sae_settings_are_clear(tmp_path):
         )
     with pytest.raises(ConfigError, match="needs a sparse autoencoder"):
         smoke(tmp_path / "run", "method.name=fpo")
-    wide = _random_sae(tmp_path / "wide", d_in=32)
+    wide = saved_random_sae(tmp_path / "wide", d_in=32)
     from sparsealign.errors import UserError
 
     with pytest.raises(UserError, match="32"):

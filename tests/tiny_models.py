@@ -89,3 +89,22 @@ def train_smoke(folder, *overrides: str):
     ]
     train(load_config("smoke", [*base, *overrides]))
     return folder
+
+
+def random_sae(d_in: int = 64, d_sae: int = 96):
+    """A ReLU SAE of the tiny models' width with N(0, 0.3) weights (seeded): codes far from zero, so that
+    FPO's features and losses are not trivially equal."""
+    from sparsealign.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in, d_sae, "relu")
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    return sae
+
+
+def saved_random_sae(folder, d_in: int = 64, d_sae: int = 96):
+    """:func:`random_sae` saved in ``folder`` (for ``sae.path=``); returns the folder."""
+    random_sae(d_in, d_sae).save(folder)
+    return folder

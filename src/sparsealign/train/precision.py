@@ -44,6 +44,7 @@ import torch
 
 from sparsealign.config import Config, ModelConfig, TrainConfig
 from sparsealign.errors import ConfigError, TrainingError
+from sparsealign.train.tensors import map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -214,26 +215,7 @@ def upcast(value: Any) -> Any:
     """``value`` with every bfloat16/float16 tensor in it (nested in dataclasses, tuples, lists and dicts)
     turned to float32, so that what a loss reads is float32 whatever the forward's compute dtype; other
     values are returned as they are (the same objects when nothing changes)."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {}
-        for f in dataclasses.fields(value):
-            old = getattr(value, f.name)
-            new = upcast(old)
-            if new is not old:
-                changes[f.name] = new
-        return dataclasses.replace(value, **changes) if changes else value
-    if isinstance(value, dict):
-        new_items = {k: upcast(v) for k, v in value.items()}
-        changed = any(new_items[k] is not value[k] for k in value)
-        return type(value)(new_items) if changed else value
-    if isinstance(value, tuple | list):
-        items = [upcast(v) for v in value]
-        if all(a is b for a, b in zip(items, value, strict=True)):
-            return value
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return value
+    return map_tensors(value, lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
 
 
 def describe(precision: Precision) -> str:

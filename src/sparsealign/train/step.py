@@ -32,6 +32,7 @@ from sparsealign.models.loading import ModelBundle
 from sparsealign.models.logprobs import Head, TokenModel, TokenOutputs, output_head
 from sparsealign.refcache import ReferenceCache
 from sparsealign.train.precision import Precision, precision_of, upcast
+from sparsealign.train.tensors import map_tensors
 
 
 @dataclass
@@ -120,16 +121,7 @@ def _ordinary(value: Any) -> Any:
     dataclasses, dicts, tuples and lists): autograd may then save it for the backward pass, e.g. the
     reference's hidden states that feed SparsePO's mask networks. The copies are response-aligned, small next
     to the forward whose autograd bookkeeping inference mode skips."""
-    if isinstance(value, torch.Tensor):
-        return value.clone() if value.is_inference() else value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = dataclasses.fields(value)
-        return dataclasses.replace(value, **{f.name: _ordinary(getattr(value, f.name)) for f in fields})
-    if isinstance(value, dict):
-        return {k: _ordinary(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_ordinary(v) for v in value)
-    return value
+    return map_tensors(value, lambda t: t.clone() if t.is_inference() else t)
 
 
 def mismatched_outputs(policy: torch.nn.Module, inputs: StepInputs) -> tuple[TokenOutputs, TokenOutputs]:
